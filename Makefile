@@ -1,0 +1,21 @@
+# One setup path for README, CI and users. `make demo` and `make test` install what they
+# need first (idempotent: a second run installs nothing).
+#   MMBRECQ_PYTHON=/path/to/python  use your own environment (e.g. CUDA torch); kept as is
+#   MMBRECQ_VENV=/path              where the virtual environment goes (default ~/.cache/mmbrecq/venv)
+MMBRECQ_VENV ?= $(HOME)/.cache/mmbrecq/venv
+PY := $(if $(MMBRECQ_PYTHON),$(MMBRECQ_PYTHON),$(MMBRECQ_VENV)/bin/python)
+export MMBRECQ_VENV
+
+.PHONY: setup demo test test-all bench
+
+setup:
+	bash tools/setup_env.sh
+
+demo: setup
+	$(PY) tools/ptq.py configs/brecq/digits_demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-all: setup
+	$(PY) -m pytest -q -m "slow or not slow" tests

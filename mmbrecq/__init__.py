@@ -1,0 +1,17 @@
+"""mmbrecq: BRECQ post-training quantization as an OpenMMLab plugin.
+
+Importing the package registers every component (quantizers, block rules,
+reconstructors, loops, hooks, datasets) in mmbrecq's registries, children of mmengine's,
+so ``custom_imports=dict(imports=['mmbrecq'])`` in a config is all a user needs.
+"""
+from .utils import apply_compat
+
+apply_compat()
+
+from . import blocks, quantizers, registry  # noqa: E402,F401
+from .modules import (QuantConfig, calibrate_activations, find_units, quantize_model,  # noqa: E402
+                      set_quant_state)
+from .version import __version__  # noqa: E402
+
+__all__ = ['quantize_model', 'find_units', 'set_quant_state', 'calibrate_activations', 'QuantConfig',
+           '__version__']

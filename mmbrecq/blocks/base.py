@@ -1,0 +1,69 @@
+"""Block rules: which float modules form one reconstruction unit, and where quantizers sit.
+
+A rule names the float block classes it handles (by import path, resolved lazily so
+that mmbrecq imports without mmdet), and decides the activation quantizers of a unit:
+
+* one quantizer on the block's input, applied once by a forward pre-hook. It is the
+  quantizer "after the previous block's add+ReLU", shared by every branch that reads
+  the block input (main path and shortcut), so both branches see the same integers;
+* one on the input of every inner layer that does not read the block input, i.e.
+  "after each activation inside the block".
+
+Supporting a new architecture means registering a rule, not editing the core::
+
+    @BLOCK_RULES.register_module()
+    class MyBlockRule(ResidualBlockRule):
+        block_types = ('my_pkg.models.MyBlock', )
+"""
+import importlib
+
+from torch import nn
+
+from mmbrecq.modules.quant_layers import QuantLayerMixin
+
+
+def _resolve(path: str):
+    module_name, _, attr = path.rpartition('.')
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        return None
+
+
+class BlockRule:
+    """Base rule: a block is one unit; the first inner layer reads the block input."""
+
+    #: import paths of the float block classes (subclasses match too)
+    block_types: tuple = ()
+    #: children whose layers read the block input too (e.g. the residual shortcut)
+    shortcut_prefixes: tuple = ()
+    #: what the unit is called in logs
+    kind: str = 'block'
+
+    def resolved_types(self):
+        return tuple(t for t in (_resolve(p) for p in self.block_types) if t is not None)
+
+    def matches(self, module: nn.Module) -> bool:
+        types = self.resolved_types()
+        return bool(types) and isinstance(module, types)
+
+    def entry_layers(self, block: nn.Module, layer_names):
+        """Names (relative to the block, in registration order) of layers fed by the input."""
+        if not layer_names:
+            return []
+        entries = [layer_names[0]]
+        for name in layer_names[1:]:
+            if any(name == p or name.startswith(p + '.') for p in self.shortcut_prefixes):
+                entries.append(name)
+        return entries
+
+
+class ResidualBlockRule(BlockRule):
+    """ResNet-style blocks: ``conv1`` and the ``downsample`` shortcut read the input."""
+
+    shortcut_prefixes = ('downsample', )
+
+
+def quant_layer_names(module: nn.Module):
+    """Names of the (already swapped) quantized layers inside ``module``."""
+    return [n for n, m in module.named_modules() if isinstance(m, QuantLayerMixin)]

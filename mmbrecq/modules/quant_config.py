@@ -1,0 +1,97 @@
+"""``quant_cfg``: the user's quantization settings, validated with errors that name the key."""
+import copy
+import fnmatch
+
+from mmbrecq.quantizers import check_bits
+
+#: every key ``quant_cfg`` accepts, with its default. Sections read by later stages
+#: (calibration, reconstruction, mixed precision) are validated by those stages.
+DEFAULTS = dict(
+    w_bits=4,
+    a_bits=4,
+    keep_8bit=['first', 'last'],
+    overrides=[],
+    skip=[],
+    fold_bn=True,
+    weight_quantizer=dict(type='AdaRoundQuantizer', init='lp', p=2.4, num_candidates=100),
+    act_quantizer=dict(type='LSQQuantizer', init='lp', p=2.4, num_candidates=100),
+    block_rules=None,
+    calib=dict(),
+    recon=dict(),
+    mixed_precision=None,
+)
+FLOAT_ACT_BITS = (None, 32)
+
+
+def _check_act_bits(bits, key):
+    return None if bits in FLOAT_ACT_BITS else check_bits(bits, key)
+
+
+class QuantConfig:
+    """Parsed ``quant_cfg`` plus the per-layer bit decisions derived from it."""
+
+    def __init__(self, quant_cfg):
+        if quant_cfg is None:
+            raise ValueError('the config has no quant_cfg section: add quant_cfg=dict(w_bits=..., '
+                             'a_bits=...) (see configs/brecq/ and the README)')
+        cfg = dict(quant_cfg)
+        unknown = sorted(set(cfg) - set(DEFAULTS))
+        if unknown:
+            raise ValueError(f'unknown key(s) in quant_cfg: {unknown}; valid keys: {sorted(DEFAULTS)}')
+        merged = copy.deepcopy(DEFAULTS)
+        merged.update(copy.deepcopy(cfg))
+        self.cfg = merged
+        self.w_bits = check_bits(merged['w_bits'], 'quant_cfg.w_bits')
+        self.a_bits = _check_act_bits(merged['a_bits'], 'quant_cfg.a_bits')
+        self.keep_8bit = list(merged['keep_8bit'] or [])
+        self.skip = list(merged['skip'] or [])
+        self.overrides = []
+        for i, o in enumerate(merged['overrides'] or []):
+            key = f'quant_cfg.overrides[{i}]'
+            if not isinstance(o, dict) or 'pattern' not in o:
+                raise ValueError(f'{key} must be a dict with a "pattern" key, got {o!r}')
+            extra = set(o) - {'pattern', 'w_bits', 'a_bits'}
+            if extra:
+                raise ValueError(f'{key} has unknown key(s) {sorted(extra)}; allowed: pattern, w_bits, a_bits')
+            if 'w_bits' in o:
+                check_bits(o['w_bits'], f'{key}.w_bits')
+            if 'a_bits' in o:
+                _check_act_bits(o['a_bits'], f'{key}.a_bits')
+            self.overrides.append(dict(o))
+        for key in ('weight_quantizer', 'act_quantizer'):
+            if not isinstance(merged[key], dict) or 'type' not in merged[key]:
+                raise ValueError(f'quant_cfg.{key} must be a dict with a "type" key')
+
+    def __getitem__(self, key):
+        return self.cfg[key]
+
+    # -- per-layer decisions ------------------------------------------------------------
+    def check_patterns(self, layer_names):
+        """Every pattern must match at least one quantizable layer: a typo is an error."""
+        def check(key, pattern):
+            if not fnmatch.filter(layer_names, pattern):
+                raise ValueError(f'{key}: pattern {pattern!r} matches no quantizable layer; '
+                                 f'layers are e.g. {layer_names[:3] + layer_names[-2:]}')
+        for p in self.skip:
+            check('quant_cfg.skip', p)
+        for p in self.keep_8bit:
+            if p not in ('first', 'last'):
+                check('quant_cfg.keep_8bit', p)
+        for i, o in enumerate(self.overrides):
+            check(f'quant_cfg.overrides[{i}].pattern', o['pattern'])
+
+    def is_skipped(self, name):
+        return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
+
+    def bits_for(self, name, first, last):
+        """(w_bits, a_bits) of the layer ``name``; ``a_bits`` is that of its input."""
+        w, a = self.w_bits, self.a_bits
+        for p in self.keep_8bit:
+            if (p == 'first' and name == first) or (p == 'last' and name == last) or (
+                    p not in ('first', 'last') and fnmatch.fnmatchcase(name, p)):
+                w, a = 8, 8
+        for o in self.overrides:
+            if fnmatch.fnmatchcase(name, o['pattern']):
+                w = o.get('w_bits', w)
+                a = _check_act_bits(o['a_bits'], 'a_bits') if 'a_bits' in o else a
+        return w, a

@@ -1,0 +1,205 @@
+"""Eager swap of a float model into a quantized one, by block rules.
+
+``quantize_model`` edits the user's own module tree in place: BN folded, Conv2d/Linear
+replaced by their quantized twins, activation quantizers placed by the block rules.
+Nothing is traced and nothing global is patched, so mmdet heads, RoI code and the
+``loss``/``predict``/``tensor`` modes of the model keep working on the same tree.
+"""
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmbrecq.blocks.base import quant_layer_names
+from mmbrecq.quantizers import UniformQuantizer
+from mmbrecq.registry import BLOCK_RULES, QUANTIZERS
+from .bn_fold import fold_bn
+from .quant_config import QuantConfig
+from .quant_layers import QuantLayerMixin, quant_twin
+
+UNIT_ATTR = '_mmbrecq_unit_kind'
+
+
+@dataclass
+class Unit:
+    """One reconstruction unit: a block (several layers) or a single layer."""
+    name: str
+    module: nn.Module
+    kind: str
+
+    @property
+    def is_block(self):
+        return not isinstance(self.module, QuantLayerMixin)
+
+
+def _quantize_block_input(block, args):
+    """Forward pre-hook: the block's input quantizer, applied once for all its branches."""
+    if not args:
+        return None
+    return (block.input_quantizer(args[0]), ) + tuple(args[1:])
+
+
+def _build_rules(names):
+    if names is None:
+        names = list(BLOCK_RULES.module_dict)
+    rules = []
+    for n in names:
+        if n not in BLOCK_RULES.module_dict and BLOCK_RULES.get(n) is None:
+            raise ValueError(f'quant_cfg.block_rules: unknown rule {n!r}; registered rules: '
+                             f'{sorted(BLOCK_RULES.module_dict)}')
+        rules.append(BLOCK_RULES.build(dict(type=n)))
+    return rules
+
+
+class _QuantizerFactory:
+    """Builds weight/activation quantizers from ``quant_cfg``, with errors naming the key."""
+
+    def __init__(self, qcfg: QuantConfig):
+        self.w_cfg = dict(qcfg['weight_quantizer'])
+        self.a_cfg = dict(qcfg['act_quantizer'])
+        for key, c in (('weight_quantizer', self.w_cfg), ('act_quantizer', self.a_cfg)):
+            if QUANTIZERS.get(c['type']) is None:
+                raise ValueError(f'quant_cfg.{key}.type={c["type"]!r} is not a registered quantizer; '
+                                 f'registered: {sorted(QUANTIZERS.module_dict)}')
+
+    def weight(self, layer, bits):
+        cfg = dict(self.w_cfg, bits=bits, num_channels=layer.weight.shape[0], ch_axis=0)
+        if QUANTIZERS.get(cfg['type']).__name__ == 'AdaRoundQuantizer':
+            cfg['weight_shape'] = tuple(layer.weight.shape)
+        q = QUANTIZERS.build(cfg).to(layer.weight.device)
+        q.role = 'weight'
+        q.init_range(layer.weight)
+        return q
+
+    def act(self, bits, device):
+        if bits is None:
+            return None
+        q = QUANTIZERS.build(dict(self.a_cfg, bits=bits)).to(device)
+        q.role = 'act'
+        return q
+
+
+def _set_submodule(model, name, new):
+    parent_name, _, child = name.rpartition('.')
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
+    """Swap ``model`` (in place) into its fake-quantized twin; return it.
+
+    Weight ranges are initialised here (they depend only on the weights); activation
+    ranges need data: see :func:`mmbrecq.calibrate_activations`.
+    """
+    qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
+    model.eval()
+    if qcfg['fold_bn']:
+        fold_bn(model)
+    rules = _build_rules(qcfg['block_rules'])
+    factory = _QuantizerFactory(qcfg)
+
+    layer_names = [n for n, m in model.named_modules() if quant_twin(m) is not None]
+    if not layer_names:
+        raise ValueError(f'{type(model).__name__} has no Conv2d/Linear layer to quantize')
+    qcfg.check_patterns(layer_names)
+    kept = [n for n in layer_names if not qcfg.is_skipped(n)]
+    if not kept:
+        raise ValueError('quant_cfg.skip excludes every quantizable layer')
+    first, last = kept[0], kept[-1]
+    device = next(model.parameters()).device
+
+    def swap_layer(name, with_input_quantizer):
+        layer = model.get_submodule(name)
+        w_bits, a_bits = qcfg.bits_for(name, first, last)
+        in_q = factory.act(a_bits, device) if with_input_quantizer else None
+        qlayer = quant_twin(layer).from_float(layer, factory.weight(layer, w_bits), in_q)
+        _set_submodule(model, name, qlayer)
+        return qlayer, a_bits
+
+    def visit(prefix, module):
+        for child_name, child in list(module.named_children()):
+            name = prefix + child_name
+            rule = next((r for r in rules if r.matches(child)), None)
+            if rule is not None:
+                inner = [n for n, m in child.named_modules() if quant_twin(m) is not None
+                         and not qcfg.is_skipped(f'{name}.{n}')]
+                if not inner:
+                    continue
+                entries = set(rule.entry_layers(child, inner))
+                block_a_bits = None
+                for rel in inner:
+                    _, a_bits = swap_layer(f'{name}.{rel}', rel not in entries)
+                    if rel == inner[0]:
+                        block_a_bits = a_bits
+                in_q = factory.act(block_a_bits, device)
+                if in_q is not None:
+                    child.add_module('input_quantizer', in_q)
+                    child.register_forward_pre_hook(_quantize_block_input)
+                setattr(child, UNIT_ATTR, rule.kind)
+            elif quant_twin(child) is not None:
+                if not qcfg.is_skipped(name):
+                    qlayer, _ = swap_layer(name, True)
+                    setattr(qlayer, UNIT_ATTR, type(child).__name__)
+            else:
+                visit(name + '.', child)
+
+    visit('', model)
+    return model
+
+
+def find_units(model: nn.Module):
+    """The reconstruction units of a swapped model, in module-registration order."""
+    units, skip_prefix = [], None
+    for name, m in model.named_modules():
+        if skip_prefix is not None and name.startswith(skip_prefix):
+            continue
+        kind = getattr(m, UNIT_ATTR, None)
+        if kind is not None:
+            units.append(Unit(name, m, kind))
+            skip_prefix = name + '.'
+    return units
+
+
+def quantizers_of(module: nn.Module, role=None):
+    """All quantizers under ``module`` (optionally only ``'weight'`` or ``'act'`` ones)."""
+    return [m for m in module.modules()
+            if isinstance(m, UniformQuantizer) and (role is None or getattr(m, 'role', None) == role)]
+
+
+def set_quant_state(module: nn.Module, weight: bool = True, act: bool = True):
+    """Enable/disable weight and activation quantization everywhere under ``module``."""
+    for q in quantizers_of(module):
+        q.enabled = weight if q.role == 'weight' else act
+    return module
+
+
+def unit_layers(unit: Unit):
+    """``{relative name: quantized layer}`` of a unit (the unit itself for a layer unit)."""
+    if not unit.is_block:
+        return {'': unit.module}
+    return {n: unit.module.get_submodule(n) for n in quant_layer_names(unit.module)}
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches, forward=None):
+    """Initialise every activation quantizer's range from calibration batches.
+
+    Quantizers initialise on the first batch that reaches them, in execution order, so
+    each one sees inputs already quantized upstream (as at inference).
+    ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
+    """
+    acts = [q for q in quantizers_of(model, 'act') if q.enabled and not q.initialized]
+    for q in acts:
+        q.observing = True
+    try:
+        for batch in batches:
+            forward(model, batch) if forward is not None else model(batch)
+            if all(q.initialized for q in acts):
+                break
+    finally:
+        for q in acts:
+            q.observing = False
+    missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]
+    if missing:
+        raise RuntimeError(f'activation quantizers never reached by the calibration data: {missing[:5]}')
+    return model

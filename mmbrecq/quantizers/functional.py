@@ -1,0 +1,59 @@
+"""Differentiable building blocks shared by every quantizer.
+
+Kept as plain functions so the quantizer classes read like the formulas in the
+paper, and so the gradient rules (straight-through rounding, LSQ gradient scale)
+are tested once, here.
+"""
+import torch
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest with a straight-through gradient (d round(x)/dx := 1)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Identity in the forward pass, gradient multiplied by ``scale`` (LSQ, Esser et al.)."""
+    y = x * scale
+    return (x - y).detach() + y
+
+
+def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+               qmax: int) -> torch.Tensor:
+    """Quantize then dequantize: ``(clamp(round(x/s) + z, qmin, qmax) - z) * s``.
+
+    ``scale``/``zero_point`` broadcast against ``x``. Rounding is straight-through, the
+    clamp passes no gradient to ``x`` outside the grid, and the gradient that reaches
+    ``scale`` is LSQ's: ``round(x/s) - x/s`` inside the grid, ``qmin - z`` or ``qmax - z``
+    outside.
+    """
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor, qmin: int, qmax: int,
+                       symmetric: bool, eps: float = 1e-8):
+    """Scale and integer zero point that map ``[lo, hi]`` (element-wise) onto the grid.
+
+    The range is first widened to contain 0 so that zero is exactly representable
+    (zero padding and ReLU outputs stay exact).
+    """
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    if symmetric:
+        if qmin < 0:
+            amax = torch.maximum(-lo, hi)
+            scale = (amax / qmax).clamp_min(eps)
+        else:  # unsigned symmetric grid: [0, hi]
+            scale = (hi / qmax).clamp_min(eps)
+        zero_point = torch.zeros_like(scale)
+    else:
+        scale = ((hi - lo) / (qmax - qmin)).clamp_min(eps)
+        zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point
+
+
+def lp_error(x: torch.Tensor, y: torch.Tensor, p: float, dim=None) -> torch.Tensor:
+    """Sum of ``|x - y|^p`` (over ``dim`` or all elements)."""
+    err = (x - y).abs().pow(p)
+    return err.sum() if dim is None else err.sum(dim=dim)

@@ -1,0 +1,40 @@
+"""Activation quantizer with a learned step size (LSQ) and the QDrop option."""
+import math
+
+import torch
+
+from mmbrecq.registry import QUANTIZERS
+from .functional import fake_quant, grad_scale
+from .uniform import UniformQuantizer
+
+
+@QUANTIZERS.register_module()
+class LSQQuantizer(UniformQuantizer):
+    """Per-tensor activation quantizer whose step size is learned during reconstruction.
+
+    The range (step and zero point) is initialised by the Lp search on calibration data;
+    afterwards the step is a trainable parameter whose gradient is LSQ's, scaled by
+    ``1/sqrt(features * qmax)`` (Esser et al., 2020) so that its update is comparable to
+    the weights' whatever the layer size. The zero point stays fixed.
+
+    ``drop_prob`` > 0 is QDrop's random dropping of the quantization: during
+    optimisation each element keeps its float value with that probability.
+    """
+
+    def __init__(self, bits=8, grad_scale=True, **kwargs):
+        kwargs.setdefault('num_channels', None)
+        super().__init__(bits=bits, **kwargs)
+        self.use_grad_scale = grad_scale
+        self.drop_prob = 0.0
+        self.scale.requires_grad_(True)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self._broadcast(self.scale, x)
+        if self.use_grad_scale and scale.requires_grad:
+            features = x[0].numel() if x.dim() > 1 else x.numel()
+            scale = grad_scale(scale, 1.0 / math.sqrt(features * self.qmax))
+        xq = fake_quant(x, scale, self._broadcast(self.zero_point, x), self.qmin, self.qmax)
+        if self.drop_prob > 0 and self.training:
+            keep_float = torch.rand_like(x) < self.drop_prob
+            xq = torch.where(keep_float, x, xq)
+        return xq

@@ -1,0 +1,35 @@
+"""Registries of mmbrecq, children of mmengine's roots.
+
+Being children means ``type='mmbrecq.X'`` works from any OpenMMLab config and that
+mmengine's builders (``Runner``, loops, hooks, datasets, metrics) find our classes
+through their usual scopes. The quantization-specific registries (quantizers,
+reconstructors, block rules, searchers, task losses) have no mmengine counterpart, so
+they are new roots of their own kind but still children of ``MODELS`` for scoping.
+"""
+from mmengine.registry import DATASETS as MMENGINE_DATASETS
+from mmengine.registry import HOOKS as MMENGINE_HOOKS
+from mmengine.registry import LOOPS as MMENGINE_LOOPS
+from mmengine.registry import METRICS as MMENGINE_METRICS
+from mmengine.registry import MODELS as MMENGINE_MODELS
+from mmengine.registry import TRANSFORMS as MMENGINE_TRANSFORMS
+from mmengine.registry import Registry
+
+MODELS = Registry('model', parent=MMENGINE_MODELS, locations=['mmbrecq'])
+LOOPS = Registry('loop', parent=MMENGINE_LOOPS, locations=['mmbrecq.engine'])
+HOOKS = Registry('hook', parent=MMENGINE_HOOKS, locations=['mmbrecq.engine'])
+DATASETS = Registry('dataset', parent=MMENGINE_DATASETS, locations=['mmbrecq.datasets'])
+TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, locations=['mmbrecq.datasets'])
+METRICS = Registry('metric', parent=MMENGINE_METRICS, locations=['mmbrecq.evaluation'])
+
+#: uniform / AdaRound / LSQ quantizers, built from ``quant_cfg`` by type
+QUANTIZERS = Registry('quantizer', parent=MODELS, locations=['mmbrecq.quantizers'])
+#: float block class -> reconstruction-unit rule
+BLOCK_RULES = Registry('block rule', parent=MODELS, locations=['mmbrecq.blocks'])
+#: block / layer reconstructors (``quant_cfg.recon.type``)
+RECONSTRUCTORS = Registry('reconstructor', parent=MODELS, locations=['mmbrecq.reconstruction'])
+#: per-task losses whose gradient gives the Fisher weights (classification, detection)
+TASK_LOSSES = Registry('task loss', parent=MODELS, locations=['mmbrecq.reconstruction'])
+#: mixed-precision searchers (``quant_cfg.mixed_precision.type``)
+SEARCHERS = Registry('searcher', parent=MODELS, locations=['mmbrecq.mixed_precision'])
+#: mixed-precision cost models (size, BOPs, latency)
+COST_MODELS = Registry('cost model', parent=MODELS, locations=['mmbrecq.mixed_precision'])
