@@ -8,10 +8,12 @@ from .utils import apply_compat
 
 apply_compat()
 
-from . import blocks, quantizers, registry  # noqa: E402,F401
+from . import blocks, quantizers, reconstruction, registry  # noqa: E402,F401
 from .modules import (QuantConfig, calibrate_activations, find_units, quantize_model,  # noqa: E402
                       set_quant_state)
+from .reconstruction import CalibrationSet, reconstruct  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ['quantize_model', 'find_units', 'set_quant_state', 'calibrate_activations', 'QuantConfig',
+           'reconstruct', 'CalibrationSet',
            '__version__']

@@ -3,8 +3,9 @@
 Being children means ``type='mmbrecq.X'`` works from any OpenMMLab config and that
 mmengine's builders (``Runner``, loops, hooks, datasets, metrics) find our classes
 through their usual scopes. The quantization-specific registries (quantizers,
-reconstructors, block rules, searchers, task losses) have no mmengine counterpart, so
-they are new roots of their own kind but still children of ``MODELS`` for scoping.
+reconstructors, block rules, searchers, task losses, cost models) have no mmengine
+counterpart: they are roots in the ``mmbrecq`` scope (mmengine allows one child per scope
+under a parent, which ``MODELS`` already is).
 """
 from mmengine.registry import DATASETS as MMENGINE_DATASETS
 from mmengine.registry import HOOKS as MMENGINE_HOOKS
@@ -22,14 +23,14 @@ TRANSFORMS = Registry('transform', parent=MMENGINE_TRANSFORMS, locations=['mmbre
 METRICS = Registry('metric', parent=MMENGINE_METRICS, locations=['mmbrecq.evaluation'])
 
 #: uniform / AdaRound / LSQ quantizers, built from ``quant_cfg`` by type
-QUANTIZERS = Registry('quantizer', parent=MODELS, locations=['mmbrecq.quantizers'])
+QUANTIZERS = Registry('quantizer', scope='mmbrecq', locations=['mmbrecq.quantizers'])
 #: float block class -> reconstruction-unit rule
-BLOCK_RULES = Registry('block rule', parent=MODELS, locations=['mmbrecq.blocks'])
+BLOCK_RULES = Registry('block rule', scope='mmbrecq', locations=['mmbrecq.blocks'])
 #: block / layer reconstructors (``quant_cfg.recon.type``)
-RECONSTRUCTORS = Registry('reconstructor', parent=MODELS, locations=['mmbrecq.reconstruction'])
+RECONSTRUCTORS = Registry('reconstructor', scope='mmbrecq', locations=['mmbrecq.reconstruction'])
 #: per-task losses whose gradient gives the Fisher weights (classification, detection)
-TASK_LOSSES = Registry('task loss', parent=MODELS, locations=['mmbrecq.reconstruction'])
+TASK_LOSSES = Registry('task loss', scope='mmbrecq', locations=['mmbrecq.reconstruction'])
 #: mixed-precision searchers (``quant_cfg.mixed_precision.type``)
-SEARCHERS = Registry('searcher', parent=MODELS, locations=['mmbrecq.mixed_precision'])
+SEARCHERS = Registry('searcher', scope='mmbrecq', locations=['mmbrecq.mixed_precision'])
 #: mixed-precision cost models (size, BOPs, latency)
-COST_MODELS = Registry('cost model', parent=MODELS, locations=['mmbrecq.mixed_precision'])
+COST_MODELS = Registry('cost model', scope='mmbrecq', locations=['mmbrecq.mixed_precision'])

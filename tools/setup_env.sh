@@ -28,7 +28,9 @@ else
   py="$venv/bin/python"
 fi
 
-pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@"; }
+pip_install() {  # quiet; drops the warnings about this machine's unused local index paths
+  "$py" -m pip install --disable-pip-version-check -q "$@" 2> >(grep -v 'is ignored: it is neither' >&2)
+}
 have() { "$py" - "$@" <<'PY'
 import sys
 from importlib import metadata
@@ -89,7 +91,7 @@ done < <(cat "$repo_root"/requirements/tests.txt "$repo_root"/requirements/optio
 if [[ ${#need[@]} -gt 0 ]]; then
   pip_install -r "$repo_root/requirements/tests.txt" -r "$repo_root/requirements/optional.txt"
 fi
-if ! "$py" -c "import mmbrecq, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(mmbrecq.__file__)) == sys.argv[1] else 1)" "$repo_root" 2>/dev/null; then
+if ! (cd / && "$py" -c "import mmbrecq.version, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(mmbrecq.version.__file__)) == sys.argv[1] else 1)" "$repo_root") 2>/dev/null; then
   pip_install --no-deps --no-build-isolation -e "$repo_root"
 fi
 echo "$py"

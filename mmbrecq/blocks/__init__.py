@@ -1,8 +1,8 @@
-from .base import BlockRule, ResidualBlockRule, quant_layer_names
+from .base import BlockRule, ResidualBlockRule
 from .classification import InvertedResidualRule, MMPretrainBasicBlockRule, MMPretrainBottleneckRule
 from .detection import MMDetBasicBlockRule, MMDetBottleneckRule
 
 __all__ = [
-    'BlockRule', 'ResidualBlockRule', 'quant_layer_names', 'MMPretrainBasicBlockRule',
+    'BlockRule', 'ResidualBlockRule', 'MMPretrainBasicBlockRule',
     'MMPretrainBottleneckRule', 'InvertedResidualRule', 'MMDetBasicBlockRule', 'MMDetBottleneckRule'
 ]

@@ -19,8 +19,6 @@ import importlib
 
 from torch import nn
 
-from mmbrecq.modules.quant_layers import QuantLayerMixin
-
 
 def _resolve(path: str):
     module_name, _, attr = path.rpartition('.')
@@ -63,7 +61,3 @@ class ResidualBlockRule(BlockRule):
 
     shortcut_prefixes = ('downsample', )
 
-
-def quant_layer_names(module: nn.Module):
-    """Names of the (already swapped) quantized layers inside ``module``."""
-    return [n for n, m in module.named_modules() if isinstance(m, QuantLayerMixin)]

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmbrecq.blocks.base import quant_layer_names
 from mmbrecq.quantizers import UniformQuantizer
 from mmbrecq.registry import BLOCK_RULES, QUANTIZERS
 from .bn_fold import fold_bn
@@ -177,7 +176,7 @@ def unit_layers(unit: Unit):
     """``{relative name: quantized layer}`` of a unit (the unit itself for a layer unit)."""
     if not unit.is_block:
         return {'': unit.module}
-    return {n: unit.module.get_submodule(n) for n in quant_layer_names(unit.module)}
+    return {n: m for n, m in unit.module.named_modules() if isinstance(m, QuantLayerMixin)}
 
 
 @torch.no_grad()

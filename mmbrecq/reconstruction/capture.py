@@ -1,0 +1,164 @@
+"""Getting a unit's inputs and float outputs out of a model, with hooks, without waste.
+
+Three ways, cheapest first:
+
+* **carry forward**: when a unit's input *is* the previous unit's output (consecutive
+  ResNet blocks), its float input is the previous unit's float target (already cached)
+  and its quantized input is the frozen previous unit applied to the previous quantized
+  input. No prefix of the network runs again, so capture time stays proportional to the
+  unit's own compute instead of growing with depth;
+* **prefix run**: otherwise the model runs from the calibration batches and a hook
+  raises :class:`StopForward` as soon as the unit has produced what is needed;
+* **probe**: once per reconstruction, one float forward of one batch records the order
+  in which units run, how often each is called per forward (shared heads run once per
+  pyramid level), their shapes, and which units are chained.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from mmbrecq.modules.swap import set_quant_state
+
+
+class StopForward(Exception):
+    """Raised by a capture hook once the unit it watches is done: the rest never runs."""
+
+
+def batch_size(batch):
+    if isinstance(batch, torch.Tensor):
+        return batch.shape[0]
+    if isinstance(batch, dict):
+        return batch_size(batch['inputs'])
+    if isinstance(batch, (list, tuple)):
+        return batch_size(batch[0])
+    raise TypeError(f'cannot tell the batch size of a {type(batch).__name__} calibration batch')
+
+
+class CalibrationSet:
+    """Calibration batches (already preprocessed) and how to run the model on one.
+
+    Args:
+        batches: a list of batches; a batch is whatever ``forward(model, batch)`` takes.
+        forward: ``forward(model, batch) -> output`` in the model's raw-tensor mode
+            (default: ``model(batch)``; the PTQ loop passes mmengine's
+            ``model(**batch, mode='tensor')``).
+    """
+
+    def __init__(self, batches, forward=None):
+        self.batches = list(batches)
+        if not self.batches:
+            raise ValueError('the calibration set is empty')
+        self.forward = forward or (lambda model, batch: model(batch))
+        self.sizes = [batch_size(b) for b in self.batches]
+        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
+        self.num_samples = sum(self.sizes)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def chunks(self):
+        """``(start, stop)`` sample ranges of the batches, for chunked carry-forward."""
+        return [(o, o + s) for o, s in zip(self.offsets, self.sizes)]
+
+
+def _first_tensor(args, unit_name):
+    if not args or not isinstance(args[0], torch.Tensor):
+        raise TypeError(f'unit {unit_name!r}: its first positional input is not a tensor; '
+                        'register a block rule whose unit takes a tensor')
+    return args[0]
+
+
+@dataclass
+class UnitTrace:
+    """What the probe learned about one unit."""
+    order: int = -1
+    in_shapes: list = field(default_factory=list)   # per call, without the batch dim
+    out_shapes: list = field(default_factory=list)
+    chained: bool = False                           # input of every call = previous unit's output
+
+    @property
+    def calls(self):
+        return len(self.in_shapes)
+
+
+@torch.no_grad()
+def probe_units(model, units, calib: CalibrationSet):
+    """Run one float forward; return a :class:`UnitTrace` per unit, units sorted by execution."""
+    traces = {u.name: UnitTrace() for u in units}
+    ins, outs, order, handles = {}, {}, [], []
+
+    def make_hooks(unit):
+        def pre(module, args):
+            x = _first_tensor(args, unit.name)
+            ins.setdefault(unit.name, []).append(x)
+            if unit.name not in order:
+                order.append(unit.name)
+
+        def post(module, args, out):
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(f'unit {unit.name!r} returns {type(out).__name__}, not a tensor')
+            outs.setdefault(unit.name, []).append(out)
+        return pre, post
+
+    for u in units:
+        pre, post = make_hooks(u)
+        handles.append(u.module.register_forward_pre_hook(pre, prepend=True))
+        handles.append(u.module.register_forward_hook(post))
+    set_quant_state(model, False, False)
+    try:
+        calib.forward(model, calib.batches[0])
+    finally:
+        for h in handles:
+            h.remove()
+    never = [u.name for u in units if u.name not in order]
+    if never:
+        raise RuntimeError(f'units never executed by a forward pass: {never}; skip them in '
+                           'quant_cfg.skip or check the model')
+    for i, name in enumerate(order):
+        t = traces[name]
+        t.order = i
+        t.in_shapes = [tuple(x.shape[1:]) for x in ins[name]]
+        t.out_shapes = [tuple(y.shape[1:]) for y in outs[name]]
+        if i > 0:
+            prev = outs.get(order[i - 1], [])
+            t.chained = len(prev) == len(ins[name]) and all(a is b for a, b in zip(ins[name], prev))
+    ordered = sorted(units, key=lambda u: traces[u.name].order)
+    return ordered, traces
+
+
+def run_capture(model, unit, calib: CalibrationSet, calls, on_input=None, on_output=None,
+                need_output=False):
+    """Run the model batch by batch until ``unit`` has been called ``calls`` times.
+
+    ``on_input(batch_idx, call, x)`` / ``on_output(batch_idx, call, y)`` receive the raw
+    unit input (before any input quantizer of the unit) and its output.
+    """
+    state = {'call': 0, 'batch': 0}
+
+    def pre(module, args):
+        x = _first_tensor(args, unit.name)
+        if on_input is not None:
+            on_input(state['batch'], state['call'], x)
+        if not need_output and state['call'] == calls - 1:
+            raise StopForward
+
+    def post(module, args, out):
+        if on_output is not None:
+            on_output(state['batch'], state['call'], out)
+        state['call'] += 1
+        if state['call'] == calls:
+            raise StopForward
+
+    h1 = unit.module.register_forward_pre_hook(pre, prepend=True)
+    h2 = unit.module.register_forward_hook(post)
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(calib.batches):
+                state['call'], state['batch'] = 0, b
+                try:
+                    calib.forward(model, batch)
+                except StopForward:
+                    pass
+    finally:
+        h1.remove()
+        h2.remove()

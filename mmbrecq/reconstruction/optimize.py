@@ -1,0 +1,149 @@
+"""Optimisation of one unit: AdaRound's alpha and the LSQ steps against the cached targets.
+
+The hot loop avoids host synchronisation: batch indices are drawn on the cache's device,
+losses are written into a preallocated device tensor, and finiteness is checked only
+every ``check_every`` iterations (one sync each).
+"""
+import math
+
+import torch
+
+from mmbrecq.modules.swap import quantizers_of, set_quant_state, unit_layers
+from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+from .objective import RoundingSchedule, reconstruction_loss
+
+
+class NonFiniteLoss(FloatingPointError):
+    pass
+
+
+class UnitData:
+    """The caches of one unit: per call, inputs (quantized / float), target, Fisher weight."""
+
+    def __init__(self, x_q, x_fp, y_fp, weight):
+        self.x_q, self.x_fp, self.y_fp, self.weight = x_q, x_fp, y_fp, weight
+        first = (x_q or x_fp)[0]
+        self.num_samples = len(first)
+        self.index_device = (first.data.device if all(c.where == 'device' for c in self.all()) else
+                             torch.device('cpu'))
+
+    @property
+    def calls(self):
+        return len(self.y_fp)
+
+    def all(self):
+        return [c for group in (self.x_q, self.x_fp, self.y_fp, self.weight) if group for c in group]
+
+    def describe(self):
+        places = sorted({c.where for c in self.all()})
+        mib = sum(c.nbytes for c in self.all()) / 2**20
+        return f'{mib:.0f} MiB on {"+".join(places)}'
+
+    def batch(self, k, idx, input_mix, keep_q_prob):
+        if input_mix == 'fp':
+            x = self.x_fp[k].gather(idx)
+        elif input_mix == 'quant':
+            x = self.x_q[k].gather(idx)
+        else:  # qdrop: element-wise random choice of quantized / float input
+            xq, xf = self.x_q[k].gather(idx), self.x_fp[k].gather(idx)
+            x = torch.where(torch.rand_like(xq) < keep_q_prob, xq, xf)
+        w = self.weight[k].gather(idx) if self.weight else None
+        return x, self.y_fp[k].gather(idx), w
+
+
+def _param_groups(unit, cfg, with_alpha=True, with_steps=True):
+    wq = [q for q in quantizers_of(unit.module, 'weight') if isinstance(q, AdaRoundQuantizer)]
+    aq = [q for q in quantizers_of(unit.module, 'act') if isinstance(q, LSQQuantizer) and q.enabled]
+    groups = []
+    if with_alpha and wq:
+        groups.append(dict(params=[q.alpha for q in wq], lr=cfg['weight_lr'], cosine=False))
+    if with_steps and aq:
+        groups.append(dict(params=[q.scale for q in aq], lr=cfg['act_lr'], cosine=True))
+    return wq, aq, groups
+
+
+def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed, progress, stage):
+    """One optimisation stage; returns the loss history (iters x 2: reconstruction, rounding)."""
+    device = data.y_fp[0].budget.device
+    hist = torch.zeros(iters, 2, device=device)
+    if not groups or iters == 0:
+        return hist
+    opt = torch.optim.Adam([dict(params=g['params'], lr=g['lr']) for g in groups])
+    cosine = [g['cosine'] for g in groups]
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, [(lambda it: 0.5 * (1 + math.cos(math.pi * it / iters))) if c else (lambda it: 1.0)
+              for c in cosine])
+    rounding = RoundingSchedule(iters, cfg['warmup'], cfg['b_range'])
+    gen = torch.Generator(device=data.index_device).manual_seed(seed)
+    zero = torch.zeros((), device=device)
+    bs, mix, check = cfg['batch_size'], cfg['input_mix'], cfg['check_every']
+    for q in aq:
+        q.drop_prob = (1 - cfg['qdrop_prob']) if mix == 'qdrop' else 0.0
+        q.train()
+    step, reported = max(1, iters // 50), 0
+    try:
+        for it in range(iters):
+            idx = torch.randint(data.num_samples, (bs, ), generator=gen, device=data.index_device)
+            rec = zero
+            for k in range(data.calls):
+                x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
+                rec = rec + reconstruction_loss(unit.module(x), y, w)
+            beta = rounding(it) if use_round else None
+            reg = zero if beta is None else cfg['lam'] * sum(q.round_loss(beta) for q in wq)
+            loss = rec + reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            hist[it, 0] = rec.detach()
+            hist[it, 1] = reg.detach()
+            if (it + 1) % check == 0 or it + 1 == iters:
+                if not bool(torch.isfinite(hist[max(0, it + 1 - check):it + 1]).all()):
+                    raise NonFiniteLoss(f'{stage}: non-finite loss at iteration {it + 1}')
+            if progress is not None and ((it + 1) % step == 0 or it + 1 == iters):
+                progress(it + 1 - reported)
+                reported = it + 1
+    finally:
+        for q in aq:
+            q.drop_prob = 0.0
+            q.eval()
+    return hist
+
+
+def optimise_unit(unit, data: UnitData, cfg, seed, progress=None):
+    """Reconstruct ``unit`` in place; returns the loss history (iters x 2) on the host.
+
+    Joint mode (default) learns alpha and the steps together; ``two_stage`` learns alpha
+    with activation quantization off, then the steps with hard rounding (the reference
+    recipe uses ``act_lr=4e-4`` for that stage). Ends with hard rounding.
+    """
+    for layer in unit_layers(unit).values():
+        q = layer.weight_quantizer
+        if isinstance(q, AdaRoundQuantizer):
+            q.set_rounding('soft', layer.weight)
+    set_quant_state(unit.module, True, True)
+    torch.manual_seed(seed)  # QDrop masks
+    if cfg['act_mode'] == 'joint':
+        wq, aq, groups = _param_groups(unit, cfg)
+        hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint')
+    else:
+        set_quant_state(unit.module, True, False)
+        wq, aq, groups = _param_groups(unit, cfg, with_steps=False)
+        h1 = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, [], True, seed, progress, 'weights')
+        for q in wq:
+            q.set_rounding('hard')
+        set_quant_state(unit.module, True, True)
+        _, aq, groups = _param_groups(unit, cfg, with_alpha=False)
+        h2 = _run_stage(unit, data, cfg, cfg['act_iters'] or cfg['iters'], groups, [], aq, False,
+                        seed + 1, progress, 'steps')
+        hist = torch.cat([h1, h2])
+    freeze_unit(unit)
+    return hist.cpu()
+
+
+def freeze_unit(unit):
+    """Hard rounding, no trainable quantization parameter left."""
+    for q in quantizers_of(unit.module):
+        if isinstance(q, AdaRoundQuantizer) and q.rounding == 'soft':
+            q.set_rounding('hard')
+        q.scale.requires_grad_(False)

@@ -1,0 +1,319 @@
+"""BRECQ reconstruction, unit after unit, with resume: the public ``reconstruct`` API."""
+import copy
+import os
+import os.path as osp
+import time
+
+import torch
+from mmengine.logging import MMLogger, print_log
+from mmengine.utils import ProgressBar
+
+from mmbrecq.modules.swap import (Unit, calibrate_activations, find_units, quantizers_of,
+                                  set_quant_state)
+from mmbrecq.modules.quant_layers import QuantLayerMixin
+from mmbrecq.registry import RECONSTRUCTORS, TASK_LOSSES
+from .cache import CacheBudget
+from .capture import CalibrationSet, probe_units, run_capture
+from .config import recon_config
+from .objective import fisher_weight
+from .optimize import NonFiniteLoss, UnitData, optimise_unit
+
+STATE_FILE = 'recon_state.pth'
+
+
+def _to_host(out):
+    if isinstance(out, torch.Tensor):
+        return out.detach().cpu()
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_host(o) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_host(v) for k, v in out.items()}
+    return out
+
+
+def _to_device(out, device):
+    if isinstance(out, torch.Tensor):
+        return out.to(device, non_blocking=True)
+    if isinstance(out, (list, tuple)):
+        return type(out)(_to_device(o, device) for o in out)
+    if isinstance(out, dict):
+        return {k: _to_device(v, device) for k, v in out.items()}
+    return out
+
+
+class _Callbacks:
+    """Fan-out to observers with optional ``before_unit`` / ``after_unit`` methods."""
+
+    def __init__(self, observers):
+        self.observers = list(observers or [])
+
+    def __call__(self, event, **kwargs):
+        for o in self.observers:
+            fn = getattr(o, event, None)
+            if fn is not None:
+                fn(**kwargs)
+
+
+@RECONSTRUCTORS.register_module()
+class BlockReconstructor:
+    """Reconstructs a quantized model unit by unit (BRECQ), or layer by layer (AdaRound).
+
+    Per unit: capture its inputs (quantized / float stream) and float output target,
+    compute the Fisher weights, optimise rounding and activation steps, freeze, save a
+    resume point. See ``config.DEFAULT_RECON`` for every option.
+    """
+
+    def __init__(self, **cfg):
+        cfg.pop('type', None)
+        self.cfg = recon_config(cfg)
+        self.task_loss = TASK_LOSSES.build(self.cfg['task_loss']) if self.cfg['loss'] == 'fisher_diag' else None
+
+    # -- units ---------------------------------------------------------------------------
+    def units_of(self, qmodel):
+        units = find_units(qmodel)
+        if self.cfg['granularity'] == 'layer':
+            units = [Unit(n, m, type(m).__name__) for n, m in qmodel.named_modules()
+                     if isinstance(m, QuantLayerMixin)]
+        if not units:
+            raise ValueError('the model has no reconstruction unit: was it passed through quantize_model?')
+        return units
+
+    # -- capture -------------------------------------------------------------------------
+    def _alloc(self, budget, calib, shapes, name):
+        return [budget.allocate((calib.num_samples, ) + s, name=f'{name}{k}') for k, s in enumerate(shapes)]
+
+    def _prefix_capture(self, qmodel, unit, trace, calib, caches_in, caches_out, quantized_before):
+        """Fill caches from a model run stopped at the unit (float, or with earlier units quantized)."""
+        set_quant_state(qmodel, False, False)
+        for u in quantized_before:
+            set_quant_state(u.module, True, True)
+
+        def on_input(b, k, x):
+            caches_in[k].write(calib.offsets[b], x)
+
+        def on_output(b, k, y):
+            caches_out[k].write(calib.offsets[b], y)
+
+        run_capture(qmodel, unit, calib, trace.calls, on_input if caches_in else None,
+                    on_output if caches_out else None, need_output=caches_out is not None)
+
+    @torch.no_grad()
+    def _carry(self, module, src, dst, calib, quantized):
+        """``dst = module(src)`` chunk by chunk along the calibration batches' boundaries."""
+        set_quant_state(module, quantized, quantized)
+        for k in range(len(src)):
+            for start, stop in calib.chunks():
+                dst[k].write(start, module(src[k].read(start, stop)))
+
+    def _capture(self, qmodel, unit, trace, calib, budget, carry, done_units):
+        mix = self.cfg['input_mix']
+        need_q, need_fp = mix in ('quant', 'qdrop'), mix in ('fp', 'qdrop')
+        chained = carry is not None and trace.chained
+        x_q = self._alloc(budget, calib, trace.in_shapes, 'x_q') if need_q else None
+        if chained:
+            x_fp = carry['y_fp']
+            if need_q:
+                self._carry(carry['unit'].module, carry['x_q'], x_q, calib, quantized=True)
+        else:
+            x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp')
+            if need_q:
+                self._prefix_capture(qmodel, unit, trace, calib, x_q, None, done_units)
+        y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp')
+        if chained:
+            self._carry(unit.module, x_fp, y_fp, calib, quantized=False)
+        else:
+            self._prefix_capture(qmodel, unit, trace, calib, x_fp, y_fp, [])
+        return x_q, x_fp, y_fp
+
+    # -- Fisher ---------------------------------------------------------------------------
+    def _fisher(self, qmodel, unit, trace, calib, budget, fp_outputs, done_units):
+        """Gradient of the task loss w.r.t. the unit's output, model quantized up to the unit."""
+        set_quant_state(qmodel, False, False)
+        for u in done_units + [unit]:
+            set_quant_state(u.module, True, True)
+        grads = self._alloc(budget, calib, trace.out_shapes, 'fisher')
+        device = budget.device
+        for b, batch in enumerate(calib.batches):
+            leaves = []
+
+            def detach_output(module, args, out):
+                leaf = out.detach().requires_grad_(True)
+                leaves.append(leaf)
+                return leaf
+
+            h = unit.module.register_forward_hook(detach_output)
+            try:
+                with torch.enable_grad():
+                    out = calib.forward(qmodel, batch)
+                    loss = self.task_loss(out, _to_device(fp_outputs[b], device))
+                    gs = torch.autograd.grad(loss, leaves, allow_unused=True)
+            finally:
+                h.remove()
+            for k, g in enumerate(gs):
+                grads[k].write(calib.offsets[b], torch.zeros_like(leaves[k]) if g is None else g)
+        mode = self.cfg['fisher_weight']
+        for cache in grads:  # turn gradients into weights in place, chunk by chunk
+            mean_sq = 0.0
+            if mode == 'normalized':
+                mean_sq = sum(float(cache.read(s, e).pow(2).sum()) for s, e in calib.chunks())
+                mean_sq /= max(1, cache.data.numel())
+            for s, e in calib.chunks():
+                cache.write(s, fisher_weight(cache.read(s, e), mode, mean_sq))
+        return grads
+
+    # -- state ----------------------------------------------------------------------------
+    def _save_state(self, qmodel, work_dir, done, records):
+        path = osp.join(work_dir, STATE_FILE)
+        tmp = path + '.tmp'
+        torch.save(dict(done=list(done), state_dict=qmodel.state_dict(), records=records), tmp)
+        os.replace(tmp, path)
+
+    def _load_state(self, qmodel, work_dir, units, logger):
+        path = osp.join(work_dir, STATE_FILE)
+        if not osp.isfile(path):
+            print_log(f'resume: no {STATE_FILE} in {work_dir}, starting from the first unit', logger)
+            return [], []
+        state = torch.load(path, map_location='cpu', weights_only=False)
+        names = [u.name for u in units]
+        unknown = [n for n in state['done'] if n not in names]
+        if unknown:
+            raise RuntimeError(f'{path} was written for another model: units {unknown[:3]} do not exist')
+        qmodel.load_state_dict(state['state_dict'])
+        print_log(f'resume: {len(state["done"])}/{len(units)} units already reconstructed ({path})', logger)
+        return list(state['done']), list(state['records'])
+
+    # -- main -----------------------------------------------------------------------------
+    def __call__(self, qmodel, calib: CalibrationSet, work_dir=None, resume=False, logger=None,
+                 callbacks=()):
+        cfg = self.cfg
+        logger = logger or MMLogger.get_current_instance()
+        cb = _Callbacks(callbacks)
+        device = next(qmodel.parameters()).device
+        budget = CacheBudget(device, disk_dir=work_dir, **cfg['cache'])
+        units, traces = probe_units(qmodel, self.units_of(qmodel), calib)
+        done, records = ([], [])
+        if resume and work_dir:
+            done, records = self._load_state(qmodel, work_dir, units, logger)
+
+        requires_grad = {p: p.requires_grad for p in qmodel.parameters()}
+        for p in requires_grad:
+            p.requires_grad_(False)
+        try:
+            if any(not q.initialized for q in quantizers_of(qmodel, 'act')):
+                set_quant_state(qmodel, True, True)
+                calibrate_activations(qmodel, calib.batches[:1], calib.forward)
+            fp_outputs = None
+            if cfg['loss'] == 'fisher_diag':
+                set_quant_state(qmodel, False, False)
+                with torch.no_grad():
+                    fp_outputs = [_to_host(calib.forward(qmodel, b)) for b in calib.batches]
+            per_unit = cfg['iters'] + ((cfg['act_iters'] or cfg['iters']) if cfg['act_mode'] == 'two_stage' else 0)
+            todo = [u for u in units if u.name not in done]
+            bar = ProgressBar(len(todo) * per_unit) if cfg['progress'] and todo else None
+            done_units = [u for u in units if u.name in done]
+            carry = None
+            for i, unit in enumerate(units):
+                if unit.name in done:
+                    continue
+                records.append(self._reconstruct_unit(qmodel, i, unit, traces[unit.name], calib, budget,
+                                                      carry, done_units, fp_outputs, bar, logger, cb))
+                carry = records[-1].pop('_carry')
+                done.append(unit.name)
+                done_units.append(unit)
+                if work_dir:
+                    self._save_state(qmodel, work_dir, done, records)
+                cb('after_unit', index=i, unit=unit, record=records[-1], records=records)
+            if carry is not None:
+                for c in carry['x_q'] or []:
+                    c.free()
+                for c in carry['y_fp']:
+                    c.free()
+        finally:
+            for p, flag in requires_grad.items():
+                p.requires_grad_(flag)
+        set_quant_state(qmodel, True, True)
+        if bar is not None:
+            print()
+        return records
+
+    def _reconstruct_unit(self, qmodel, i, unit, trace, calib, budget, carry, done_units, fp_outputs,
+                          bar, logger, cb):
+        cfg = self.cfg
+        cb('before_unit', index=i, unit=unit)
+        t0 = time.perf_counter()
+        x_q, x_fp, y_fp = self._capture(qmodel, unit, trace, calib, budget, carry, done_units)
+        if carry is not None:  # the previous unit's caches are consumed now
+            for c in carry['x_q'] or []:
+                c.free()
+            if x_fp is not carry['y_fp']:
+                for c in carry['y_fp']:
+                    c.free()
+        t1 = time.perf_counter()
+        weights = (self._fisher(qmodel, unit, trace, calib, budget, fp_outputs, done_units)
+                   if cfg['loss'] == 'fisher_diag' else None)
+        t2 = time.perf_counter()
+        data = UnitData(x_q, x_fp if cfg['input_mix'] != 'quant' else None, y_fp, weights)
+        where = data.describe()
+        set_quant_state(qmodel, False, False)
+        for u in done_units:
+            set_quant_state(u.module, True, True)
+        snapshot = copy.deepcopy(unit.module.state_dict())
+        status = 'ok'
+        try:
+            hist = optimise_unit(unit, data, cfg, cfg['seed'] + i, bar.update if bar else None)
+        except NonFiniteLoss as e:
+            unit.module.load_state_dict(snapshot)
+            msg = f'unit {unit.name!r} ({unit.kind}): {e}; its state was restored to before the unit'
+            if cfg['on_nan'] == 'fail':
+                print_log(msg, logger, level=40)
+                raise NonFiniteLoss(msg) from e
+            print_log(msg + ' and it falls back to nearest rounding (quant_cfg.recon.on_nan)', logger, level=40)
+            status, hist = 'nearest_fallback', torch.zeros(0, 2)
+        set_quant_state(unit.module, True, True)
+        t3 = time.perf_counter()
+        for c in weights or []:
+            c.free()
+        # keep what the next unit may carry forward; free the rest
+        keep = dict(unit=unit, x_q=x_q, y_fp=y_fp)
+        if x_fp is not None:
+            for c in x_fp:
+                c.free()
+        rec = hist[:, 0]
+        record = dict(
+            name=unit.name, kind=unit.kind, calls=trace.calls, cache=where, status=status,
+            chained=trace.chained, loss_start=float(rec[0]) if len(rec) else None,
+            loss_end=float(rec[-50:].mean()) if len(rec) else None,
+            round_end=float(hist[-1, 1]) if len(hist) else None,
+            capture_s=t1 - t0, fisher_s=t2 - t1, optim_s=t3 - t2,
+            history=hist[::max(1, len(hist) // 500)].tolist(), _carry=keep)
+        print_log(
+            f'[{i + 1}] {unit.name} ({unit.kind}, {trace.calls} call{"s" * (trace.calls > 1)}'
+            f'{", chained" if trace.chained else ""}) cache {where} | rec loss '
+            f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
+            f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)
+        return record
+
+
+def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resume=False, logger=None,
+                callbacks=()):
+    """Reconstruct a quantized model (from :func:`mmbrecq.quantize_model`) in place.
+
+    Args:
+        qmodel: the swapped model.
+        calib: a :class:`CalibrationSet`, or a list/iterable of batches (then ``forward``
+            says how to run one; default ``model(batch)``).
+        recon_cfg: ``quant_cfg.recon`` (dict); see ``config.DEFAULT_RECON``.
+        work_dir: where the resume state (and disk caches) go; ``None``: no resume point.
+        resume: continue after the last unit saved in ``work_dir``.
+    Returns:
+        one record per unit (losses, times, cache placement, status).
+    """
+    if not isinstance(calib, CalibrationSet):
+        calib = CalibrationSet(calib, forward)
+    cfg = dict(recon_cfg or {})
+    rtype = cfg.pop('type', 'BlockReconstructor')
+    if RECONSTRUCTORS.get(rtype) is None:
+        raise ValueError(f'quant_cfg.recon.type={rtype!r} is not a registered reconstructor; '
+                         f'registered: {sorted(RECONSTRUCTORS.module_dict)}')
+    reconstructor = RECONSTRUCTORS.build(dict(type=rtype, **cfg))
+    return reconstructor(qmodel, calib, work_dir=work_dir, resume=resume, logger=logger, callbacks=callbacks)
