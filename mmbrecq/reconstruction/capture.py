@@ -85,7 +85,7 @@ class UnitTrace:
 def probe_units(model, units, calib: CalibrationSet):
     """Run one float forward; return a :class:`UnitTrace` per unit, units sorted by execution."""
     traces = {u.name: UnitTrace() for u in units}
-    ins, outs, order, handles = {}, {}, [], []
+    ins, outs, values, order, handles = {}, {}, {}, [], []
 
     def make_hooks(unit):
         def pre(module, args):
@@ -98,6 +98,7 @@ def probe_units(model, units, calib: CalibrationSet):
             if not isinstance(out, torch.Tensor):
                 raise TypeError(f'unit {unit.name!r} returns {type(out).__name__}, not a tensor')
             outs.setdefault(unit.name, []).append(out)
+            values.setdefault(unit.name, []).append(out.detach().clone())
         return pre, post
 
     for u in units:
@@ -120,8 +121,11 @@ def probe_units(model, units, calib: CalibrationSet):
         t.in_shapes = [tuple(x.shape[1:]) for x in ins[name]]
         t.out_shapes = [tuple(y.shape[1:]) for y in outs[name]]
         if i > 0:
-            prev = outs.get(order[i - 1], [])
-            t.chained = len(prev) == len(ins[name]) and all(a is b for a, b in zip(ins[name], prev))
+            # the same tensor object *and* unchanged values: an in-place op between the two
+            # units (ReLU(inplace=True) after a conv unit) breaks the chain
+            prev, prev_val = outs.get(order[i - 1], []), values.get(order[i - 1], [])
+            t.chained = len(prev) == len(ins[name]) and all(
+                a is b and torch.equal(a, v) for a, b, v in zip(ins[name], prev, prev_val))
     ordered = sorted(units, key=lambda u: traces[u.name].order)
     return ordered, traces
 

@@ -139,7 +139,7 @@ class BlockReconstructor:
             def detach_output(module, args, out):
                 leaf = out.detach().requires_grad_(True)
                 leaves.append(leaf)
-                return leaf
+                return leaf.clone()  # what follows may work in place (ReLU(inplace=True))
 
             h = unit.module.register_forward_hook(detach_output)
             try:

@@ -1,0 +1,71 @@
+"""Hooks of a PTQ run: quantized checkpoint + summary, and loss-curve plots.
+
+They are ordinary mmengine hooks reacting to the PTQ loop's stage events, added by
+``tools/ptq.py`` unless the config already lists them in ``custom_hooks``.
+"""
+import json
+import os.path as osp
+
+from mmengine.hooks import Hook
+from mmengine.dist import master_only
+
+from mmbrecq.registry import HOOKS
+from .quant_checkpoint import save_quantized
+
+
+@HOOKS.register_module()
+class QuantCheckpointHook(Hook):
+    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times) when PTQ ends."""
+
+    priority = 'LOW'
+
+    def __init__(self, filename='quantized.pth', summary='summary.json'):
+        self.filename, self.summary = filename, summary
+
+    @master_only
+    def after_ptq(self, runner, model, results):
+        qcfg = runner.cfg.quant_cfg
+        path = save_quantized(model, osp.join(runner.work_dir, self.filename), qcfg,
+                              extra_meta=dict(config=osp.basename(runner.cfg.filename or '')))
+        summary = dict(
+            config=runner.cfg.filename, w_bits=qcfg.get('w_bits', 4), a_bits=qcfg.get('a_bits', 4),
+            keep_8bit=qcfg.get('keep_8bit', ['first', 'last']), checkpoint=path, **results)
+        with open(osp.join(runner.work_dir, self.summary), 'w') as f:
+            json.dump(summary, f, indent=2, default=str)
+        runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')
+
+
+@HOOKS.register_module()
+class ReconLossPlotHook(Hook):
+    """Redraws ``recon_losses.png`` (reconstruction and rounding loss per unit) after each unit."""
+
+    priority = 'VERY_LOW'
+
+    def __init__(self, filename='recon_losses.png'):
+        self.filename = filename
+
+    @master_only
+    def after_recon_unit(self, runner, index, unit, record, records):
+        plot_losses(records, osp.join(runner.work_dir, self.filename))
+
+
+def plot_losses(records, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for r in records:
+        hist = r.get('history') or []
+        if not hist:
+            continue
+        xs = [i / max(1, len(hist) - 1) for i in range(len(hist))]
+        axes[0].plot(xs, [h[0] for h in hist], label=r['name'], lw=0.8)
+        axes[1].plot(xs, [h[1] for h in hist], lw=0.8)
+    axes[0].set(title='reconstruction loss', xlabel='fraction of iterations', yscale='log')
+    axes[1].set(title='rounding regulariser', xlabel='fraction of iterations')
+    if records:
+        axes[0].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

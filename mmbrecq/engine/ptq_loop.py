@@ -1,0 +1,141 @@
+"""The PTQ loop: mmengine's test loop turned into calibrate → reconstruct → evaluate.
+
+Registered in LOOPS and run by ``runner.test()`` (``test_cfg=dict(type='mmbrecq.PTQLoop')``),
+so mmengine loads the float checkpoint (``load_from``), builds the test dataloader and
+evaluator from the config, and drives the hooks. Stages announce themselves through
+``runner.call_hook`` so that ``custom_hooks`` can observe or extend a run:
+
+``before_calibration`` / ``after_calibration(calib)`` → ``before_quant_eval(stage)`` /
+``after_quant_eval(stage, metrics)`` for ``fp``, ``nearest``, ``brecq`` →
+``before_recon_unit(index, unit)`` / ``after_recon_unit(index, unit, record, records)`` →
+``after_ptq(model, results)``.
+"""
+import json
+import os.path as osp
+import time
+
+import torch
+from mmengine.model import is_model_wrapper
+from mmengine.runner import TestLoop
+
+from mmbrecq.modules import QuantConfig, calibrate_activations, quantize_model, set_quant_state
+from mmbrecq.reconstruction import reconstruct
+from mmbrecq.registry import LOOPS
+from .calibration import build_calibration_set
+
+PROGRESS_FILE = 'ptq_progress.json'
+
+
+class _HookRelay:
+    """Forwards the reconstructor's unit events to the runner's hooks."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def before_unit(self, index, unit):
+        self.runner.call_hook('before_recon_unit', index=index, unit=unit)
+
+    def after_unit(self, index, unit, record, records):
+        self.runner.call_hook('after_recon_unit', index=index, unit=unit, record=record, records=records)
+
+
+@LOOPS.register_module()
+class PTQLoop(TestLoop):
+    """Post-training quantization of the runner's model with BRECQ.
+
+    Args:
+        eval_fp: evaluate the float model first.
+        eval_nearest: evaluate the quantized model with nearest rounding (no reconstruction).
+        resume: continue an interrupted run from the work dir (finished units and
+            evaluations are not redone).
+    """
+
+    def __init__(self, runner, dataloader, evaluator, eval_fp=True, eval_nearest=True, resume=False,
+                 fp16=False):
+        super().__init__(runner, dataloader, evaluator, fp16)
+        self.quant_cfg = QuantConfig(runner.cfg.get('quant_cfg'))
+        self.eval_fp, self.eval_nearest, self.resume = eval_fp, eval_nearest, resume
+        self.results = dict(metrics={}, seconds={})
+
+    @property
+    def model(self):
+        m = self.runner.model
+        return m.module if is_model_wrapper(m) else m
+
+    # -- bookkeeping so that a resumed run skips finished evaluations --------------------------
+    def _progress_path(self):
+        return osp.join(self.runner.work_dir, PROGRESS_FILE)
+
+    def _save_progress(self):
+        if self.runner.rank == 0:
+            with open(self._progress_path(), 'w') as f:
+                json.dump(self.results, f, indent=2)
+
+    def _load_progress(self):
+        if self.resume and osp.isfile(self._progress_path()):
+            with open(self._progress_path()) as f:
+                self.results = json.load(f)
+
+    def evaluate(self, stage):
+        """One pass over the test set with the config's evaluator; metrics under ``stage``."""
+        if stage in self.results['metrics']:
+            self.runner.logger.info(f'{stage} evaluation already done (resume): {self.results["metrics"][stage]}')
+            return self.results['metrics'][stage]
+        self.runner.call_hook('before_quant_eval', stage=stage)
+        t0 = time.perf_counter()
+        self.runner.call_hook('before_test_epoch')
+        self.runner.model.eval()
+        self.test_loss.clear()
+        for idx, data_batch in enumerate(self.dataloader):
+            self.run_iter(idx, data_batch)
+        metrics = self.evaluator.evaluate(len(self.dataloader.dataset))
+        self.runner.call_hook('after_test_epoch', metrics=metrics)
+        self.results['metrics'][stage] = {k: float(v) if isinstance(v, (int, float)) else v
+                                          for k, v in metrics.items()}
+        self.results['seconds'][f'eval_{stage}'] = time.perf_counter() - t0
+        self.runner.logger.info(f'[{stage}] ' + ', '.join(f'{k}: {v}' for k, v in metrics.items()))
+        self.runner.call_hook('after_quant_eval', stage=stage, metrics=metrics)
+        self._save_progress()
+        return metrics
+
+    def run(self) -> dict:
+        runner, model, qcfg = self.runner, self.model, self.quant_cfg
+        self._load_progress()
+        runner.call_hook('before_test')
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        if self.eval_fp:
+            self.evaluate('fp')
+
+        runner.call_hook('before_calibration')
+        t0 = time.perf_counter()
+        calib = build_calibration_set(runner, model, qcfg['calib'])
+        quantize_model(model, qcfg)
+        set_quant_state(model, True, True)
+        calibrate_activations(model, calib.batches[:1], calib.forward)
+        self.results['seconds']['calibration'] = time.perf_counter() - t0
+        runner.call_hook('after_calibration', calib=calib)
+        if self.eval_nearest:
+            self.evaluate('nearest')
+
+        t0 = time.perf_counter()
+        recon_cfg = dict(qcfg['recon'])
+        records = reconstruct(model, calib, recon_cfg, work_dir=runner.work_dir, resume=self.resume,
+                              logger=runner.logger, callbacks=[_HookRelay(runner)])
+        self.results['seconds']['reconstruction'] = time.perf_counter() - t0
+        self.results['units'] = [{k: v for k, v in r.items() if k != 'history'} for r in records]
+        del calib
+        metrics = self.evaluate('brecq')
+        self.results['peak_memory_mb'] = _peak_memory_mb()
+        self._save_progress()
+        runner.call_hook('after_ptq', model=model, results=self.results)
+        runner.call_hook('after_test')
+        return metrics
+
+
+def _peak_memory_mb():
+    import resource
+    peak = dict(host=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    if torch.cuda.is_available():
+        peak['cuda'] = torch.cuda.max_memory_allocated() / 2**20
+    return peak

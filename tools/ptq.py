@@ -1,0 +1,104 @@
+"""Post-training quantization of an OpenMMLab model with BRECQ.
+
+    python tools/ptq.py CONFIG [--checkpoint CKPT] [--work-dir DIR] [--resume]
+                        [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
+
+CONFIG inherits the float model's config (``_base_ = 'mmpretrain::…'``) and adds
+``quant_cfg`` and ``float_checkpoint``. Results land in the work dir: ``quantized.pth``,
+``summary.json``, ``recon_losses.png``, the resume state and the logs.
+"""
+import argparse
+import os
+import os.path as osp
+import sys
+
+from mmengine.config import Config, DictAction
+from mmengine.runner import Runner
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description='BRECQ post-training quantization')
+    parser.add_argument('config', help='PTQ config file (inherits the float model config)')
+    parser.add_argument('--checkpoint', help='float checkpoint (default: float_checkpoint in the config)')
+    parser.add_argument('--work-dir', help='where to save logs, checkpoints and the summary')
+    parser.add_argument('--resume', action='store_true',
+                        help='continue an interrupted run in the work dir (finished units are kept)')
+    parser.add_argument('--no-fp-eval', action='store_true', help='skip the float evaluation')
+    parser.add_argument('--no-nearest-eval', action='store_true', help='skip the nearest-rounding evaluation')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings of the config, e.g. quant_cfg.w_bits=2')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    if 'LOCAL_RANK' not in os.environ:
+        os.environ['LOCAL_RANK'] = str(args.local_rank)
+    return args
+
+
+def _is_url(path):
+    return path.startswith(('http://', 'https://', 's3://'))
+
+
+def build_ptq_config(args):
+    """The mmengine config of a PTQ run; every user error is raised here, before any work."""
+    if not osp.isfile(args.config):
+        raise FileNotFoundError(f'config file {args.config!r} does not exist')
+    cfg = Config.fromfile(args.config)
+    if args.cfg_options:
+        cfg.merge_from_dict(args.cfg_options)
+    if cfg.get('quant_cfg') is None:
+        raise ValueError(f'{args.config} has no quant_cfg section; a PTQ config inherits the float model '
+                         "config and adds quant_cfg=dict(w_bits=..., a_bits=...) (see configs/brecq/)")
+    from mmbrecq.modules import QuantConfig
+    from mmbrecq.engine.calibration import calib_config
+    from mmbrecq.reconstruction import recon_config
+    qcfg = QuantConfig(cfg.quant_cfg)  # validates every key before anything runs
+    calib_config(qcfg['calib'])
+    recon = dict(qcfg['recon'])
+    recon.pop('type', None)
+    recon_config(recon)
+
+    ckpt = args.checkpoint or cfg.get('float_checkpoint')
+    if not ckpt:
+        raise ValueError('no float checkpoint: set float_checkpoint in the config or pass --checkpoint')
+    if not _is_url(ckpt) and not osp.isfile(ckpt):
+        raise FileNotFoundError(f'float checkpoint {ckpt!r} does not exist (float_checkpoint / --checkpoint)')
+    cfg.load_from = ckpt
+    cfg.resume = False
+
+    if args.work_dir:
+        cfg.work_dir = args.work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg.launcher = args.launcher
+    cfg.test_cfg = dict(type='mmbrecq.PTQLoop', eval_fp=not args.no_fp_eval,
+                        eval_nearest=not args.no_nearest_eval, resume=args.resume)
+    hooks = list(cfg.get('custom_hooks') or [])
+    present = {str(h.get('type', '')).split('.')[-1] for h in hooks}
+    for name in ('QuantCheckpointHook', 'ReconLossPlotHook'):
+        if name not in present:
+            hooks.append(dict(type=f'mmbrecq.{name}'))
+    cfg.custom_hooks = hooks
+    # PTQ never trains: drop what would make the runner build optimisers or train loops
+    for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
+        cfg.pop(key, None)
+    cfg.val_dataloader, cfg.val_evaluator = None, None
+    return cfg
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import mmbrecq  # noqa: F401  (registers everything, applies the torch-2.9 shims)
+    try:
+        cfg = build_ptq_config(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
+    os.makedirs(osp.abspath(cfg.work_dir), exist_ok=True)
+    runner = Runner.from_cfg(cfg)
+    runner.test()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
