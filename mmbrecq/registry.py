@@ -34,3 +34,19 @@ TASK_LOSSES = Registry('task loss', scope='mmbrecq', locations=['mmbrecq.reconst
 SEARCHERS = Registry('searcher', scope='mmbrecq', locations=['mmbrecq.mixed_precision'])
 #: mixed-precision cost models (size, BOPs, latency)
 COST_MODELS = Registry('cost model', scope='mmbrecq', locations=['mmbrecq.mixed_precision'])
+
+
+def build_from(registry, cfg, **default_args):
+    """Build ``cfg`` from one of our own registries, whatever the default scope is.
+
+    Inside a runner the default scope is the model's (``mmpretrain``, ``mmdet``), which
+    our scope-``mmbrecq`` roots do not know; looking the class up directly avoids
+    mmengine's scope-switching fallback (and its warning) without changing behaviour.
+    """
+    args = dict(cfg)
+    name = args.pop('type')
+    cls = registry.get(name) if isinstance(name, str) else name
+    if cls is None:
+        raise KeyError(f'{name!r} is not registered in the {registry.name} registry; '
+                       f'registered: {sorted(registry.module_dict)}')
+    return cls(**default_args, **args)

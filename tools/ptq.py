@@ -8,6 +8,7 @@ CONFIG inherits the float model's config (``_base_ = 'mmpretrain::…'``) and ad
 ``summary.json``, ``recon_losses.png``, the resume state and the logs.
 """
 import argparse
+import copy
 import os
 import os.path as osp
 import sys
@@ -53,7 +54,13 @@ def build_ptq_config(args):
     from mmbrecq.engine.calibration import calib_config
     from mmbrecq.reconstruction import recon_config
     qcfg = QuantConfig(cfg.quant_cfg)  # validates every key before anything runs
-    calib_config(qcfg['calib'])
+    calib = calib_config(qcfg['calib'])
+    if calib['dataloader'] is None:  # resolve now: the runner must not see a train dataloader
+        key = f"{calib['split']}_dataloader"
+        if cfg.get(key) is None:
+            raise ValueError(f"quant_cfg.calib.split={calib['split']!r} needs `{key}` in the config")
+        cfg.quant_cfg.setdefault('calib', {})
+        cfg.quant_cfg.calib.dataloader = copy.deepcopy(cfg[key])
     recon = dict(qcfg['recon'])
     recon.pop('type', None)
     recon_config(recon)
@@ -82,7 +89,7 @@ def build_ptq_config(args):
     # PTQ never trains: drop what would make the runner build optimisers or train loops
     for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
         cfg.pop(key, None)
-    cfg.val_dataloader, cfg.val_evaluator = None, None
+    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
     return cfg
 
 

@@ -41,7 +41,7 @@ def main(argv=None):
     cfg.load_from, cfg.resume = None, False
     for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
         cfg.pop(key, None)
-    cfg.val_dataloader, cfg.val_evaluator = None, None
+    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
     cfg.test_cfg = dict()
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mmbrecq.quantizers import UniformQuantizer
-from mmbrecq.registry import BLOCK_RULES, QUANTIZERS
+from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
 from .bn_fold import fold_bn
 from .quant_config import QuantConfig
 from .quant_layers import QuantLayerMixin, quant_twin
@@ -46,7 +46,7 @@ def _build_rules(names):
         if n not in BLOCK_RULES.module_dict and BLOCK_RULES.get(n) is None:
             raise ValueError(f'quant_cfg.block_rules: unknown rule {n!r}; registered rules: '
                              f'{sorted(BLOCK_RULES.module_dict)}')
-        rules.append(BLOCK_RULES.build(dict(type=n)))
+        rules.append(build_from(BLOCK_RULES, dict(type=n)))
     return rules
 
 
@@ -65,7 +65,7 @@ class _QuantizerFactory:
         cfg = dict(self.w_cfg, bits=bits, num_channels=layer.weight.shape[0], ch_axis=0)
         if QUANTIZERS.get(cfg['type']).__name__ == 'AdaRoundQuantizer':
             cfg['weight_shape'] = tuple(layer.weight.shape)
-        q = QUANTIZERS.build(cfg).to(layer.weight.device)
+        q = build_from(QUANTIZERS, cfg).to(layer.weight.device)
         q.role = 'weight'
         q.init_range(layer.weight)
         return q
@@ -73,7 +73,7 @@ class _QuantizerFactory:
     def act(self, bits, device):
         if bits is None:
             return None
-        q = QUANTIZERS.build(dict(self.a_cfg, bits=bits)).to(device)
+        q = build_from(QUANTIZERS, dict(self.a_cfg, bits=bits)).to(device)
         q.role = 'act'
         return q
 

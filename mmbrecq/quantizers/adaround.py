@@ -2,12 +2,13 @@
 import torch
 from torch import nn
 
-from mmbrecq.registry import QUANTIZERS
+from mmbrecq.registry import MODELS, QUANTIZERS
 from .uniform import UniformQuantizer
 
 ROUNDING_MODES = ('nearest', 'soft', 'hard')
 
 
+@MODELS.register_module()  # also buildable from any config as type='mmbrecq.X'
 @QUANTIZERS.register_module()
 class AdaRoundQuantizer(UniformQuantizer):
     """Per-channel weight quantizer with a learnable rounding variable ``alpha`` per weight.

@@ -3,11 +3,12 @@ import math
 
 import torch
 
-from mmbrecq.registry import QUANTIZERS
+from mmbrecq.registry import MODELS, QUANTIZERS
 from .functional import fake_quant, grad_scale
 from .uniform import UniformQuantizer
 
 
+@MODELS.register_module()  # also buildable from any config as type='mmbrecq.X'
 @QUANTIZERS.register_module()
 class LSQQuantizer(UniformQuantizer):
     """Per-tensor activation quantizer whose step size is learned during reconstruction.

@@ -27,7 +27,7 @@ def minmax_range(x: torch.Tensor, ch_axis=None):
 
 
 def lp_search_range(x: torch.Tensor, qmin: int, qmax: int, symmetric: bool, ch_axis=None,
-                    p: float = 2.4, num_candidates: int = 100, max_elements: int = 1 << 22):
+                    p: float = 2.4, num_candidates: int = 100, max_elements: int = 1 << 18):
     """Range ``(lo, hi)`` minimising the Lp quantization error, searched over shrink factors.
 
     Candidates are ``c * [min, max]`` for ``c`` in ``1, 1 - 1/n, ..., 1/n`` (``n`` =

@@ -2,7 +2,7 @@
 import torch
 from torch import nn
 
-from mmbrecq.registry import QUANTIZERS
+from mmbrecq.registry import MODELS, QUANTIZERS
 from .functional import fake_quant, qparams_from_range
 from .range_search import lp_search_range, minmax_range
 
@@ -17,6 +17,7 @@ def check_bits(bits, key='bits'):
     return bits
 
 
+@MODELS.register_module()  # also buildable from any config as type='mmbrecq.X'
 @QUANTIZERS.register_module()
 class UniformQuantizer(nn.Module):
     """Per-tensor or per-channel uniform affine fake quantizer.

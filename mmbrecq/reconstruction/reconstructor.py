@@ -11,7 +11,7 @@ from mmengine.utils import ProgressBar
 from mmbrecq.modules.swap import (Unit, calibrate_activations, find_units, quantizers_of,
                                   set_quant_state)
 from mmbrecq.modules.quant_layers import QuantLayerMixin
-from mmbrecq.registry import RECONSTRUCTORS, TASK_LOSSES
+from mmbrecq.registry import RECONSTRUCTORS, TASK_LOSSES, build_from
 from .cache import CacheBudget
 from .capture import CalibrationSet, probe_units, run_capture
 from .config import recon_config
@@ -66,7 +66,7 @@ class BlockReconstructor:
     def __init__(self, **cfg):
         cfg.pop('type', None)
         self.cfg = recon_config(cfg)
-        self.task_loss = TASK_LOSSES.build(self.cfg['task_loss']) if self.cfg['loss'] == 'fisher_diag' else None
+        self.task_loss = build_from(TASK_LOSSES, self.cfg['task_loss']) if self.cfg['loss'] == 'fisher_diag' else None
 
     # -- units ---------------------------------------------------------------------------
     def units_of(self, qmodel):
@@ -315,5 +315,5 @@ def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resu
     if RECONSTRUCTORS.get(rtype) is None:
         raise ValueError(f'quant_cfg.recon.type={rtype!r} is not a registered reconstructor; '
                          f'registered: {sorted(RECONSTRUCTORS.module_dict)}')
-    reconstructor = RECONSTRUCTORS.build(dict(type=rtype, **cfg))
+    reconstructor = build_from(RECONSTRUCTORS, dict(type=rtype, **cfg))
     return reconstructor(qmodel, calib, work_dir=work_dir, resume=resume, logger=logger, callbacks=callbacks)

@@ -9,7 +9,7 @@ import torch
 _applied = False
 
 
-def _load_local_checkpoint_trusted(filename, map_location=None):
+def load_from_local_trusted(filename, map_location=None):
     """mmengine's local-file loader with ``weights_only=False``.
 
     Why: torch >= 2.6 defaults ``torch.load(weights_only=True)``; mmengine 0.10.7's
@@ -31,11 +31,11 @@ def apply():
     if _applied:
         return
     from mmengine.runner.checkpoint import CheckpointLoader
-    CheckpointLoader.register_scheme(prefixes='', force=True)(_load_local_checkpoint_trusted)
+    CheckpointLoader.register_scheme(prefixes='', force=True)(load_from_local_trusted)
     _applied = True
 
 
 def load_checkpoint_file(path, map_location='cpu'):
     """Load a local checkpoint file the way the patched mmengine does (for our own tools)."""
     apply()
-    return _load_local_checkpoint_trusted(path, map_location)
+    return load_from_local_trusted(path, map_location)
