@@ -36,6 +36,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     def set_extra_state(self, state):
         super().set_extra_state(state)
         self.rounding = state['rounding']
+        self.alpha.requires_grad_(self.rounding == 'soft')
 
     def extra_repr(self):
         return f'{super().extra_repr()}, rounding={self.rounding}'
@@ -51,9 +52,10 @@ class AdaRoundQuantizer(UniformQuantizer):
         """Switch rounding; entering ``'soft'`` from ``'nearest'`` initialises alpha from ``w``."""
         if mode not in ROUNDING_MODES:
             raise ValueError(f'rounding={mode!r}: expected one of {ROUNDING_MODES}')
-        if mode == 'soft' and self.rounding == 'nearest':
+        if mode in ('soft', 'hard') and self.rounding == 'nearest':
             if w is None:
-                raise ValueError('entering soft rounding needs the float weight to place alpha')
+                raise ValueError(f'entering {mode} rounding from nearest needs the float weight to '
+                                 'place alpha (else every weight would round up)')
             self.init_alpha(w)
         self.alpha.requires_grad_(mode == 'soft')
         self.rounding = mode
@@ -81,5 +83,5 @@ class AdaRoundQuantizer(UniformQuantizer):
             return super().integer_repr(w)
         s = self._broadcast(self.scale, w)
         z = self._broadcast(self.zero_point, w)
-        offset = (self.alpha >= 0).to(w.dtype) if self.rounding == 'hard' else torch.round(self.h())
-        return torch.clamp(torch.floor(w / s) + offset + z, self.qmin, self.qmax)
+        offset = (self.alpha >= 0).to(w.dtype)  # soft mode: what hard rounding would give
+        return torch.clamp(torch.floor(w / s) + offset + z, self.qmin, self.qmax).detach()

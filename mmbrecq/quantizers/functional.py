@@ -15,7 +15,7 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
 def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity in the forward pass, gradient multiplied by ``scale`` (LSQ, Esser et al.)."""
     y = x * scale
-    return (x - y).detach() + y
+    return x.detach() + (y - y.detach())
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,

@@ -63,12 +63,14 @@ class UniformQuantizer(nn.Module):
 
     # -- state ---------------------------------------------------------------------------
     def get_extra_state(self):
-        return {'initialized': self.initialized, 'bits': self.bits}
+        return {'initialized': self.initialized, 'bits': self.bits, 'grid': (self.qmin, self.qmax)}
 
     def set_extra_state(self, state):
-        if state['bits'] != self.bits:
-            raise ValueError(f'checkpoint holds a {state["bits"]}-bit quantizer where the model '
-                             f'has {self.bits} bits')
+        grid = tuple(state.get('grid', (self.qmin, self.qmax)))
+        if state['bits'] != self.bits or grid != (self.qmin, self.qmax):
+            self.initialized = False
+            raise ValueError(f'checkpoint holds a {state["bits"]}-bit quantizer with grid {grid} where the '
+                             f'model has {self.bits} bits, grid {(self.qmin, self.qmax)}')
         self.initialized = state['initialized']
 
     def extra_repr(self):
