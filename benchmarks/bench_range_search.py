@@ -17,7 +17,6 @@ Usage:
     python benchmarks/bench_range_search.py [--layers N] [--bits 4] [--loop-channels 8] [--threads 1]
 """
 import argparse
-import os
 import sys
 import time
 from collections import OrderedDict
