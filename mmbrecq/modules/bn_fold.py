@@ -28,7 +28,7 @@ def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm):
 def _conv_before_norm(parent: nn.Module) -> bool:
     order = getattr(parent, 'order', None)  # mmcv ConvModule
     if isinstance(order, (tuple, list)) and 'conv' in order and 'norm' in order:
-        return order.index('conv') < order.index('norm')
+        return order.index('norm') == order.index('conv') + 1  # adjacent: nothing in between
     return True
 
 

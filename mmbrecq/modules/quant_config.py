@@ -43,6 +43,9 @@ class QuantConfig:
         self.cfg = merged
         self.w_bits = check_bits(merged['w_bits'], 'quant_cfg.w_bits')
         self.a_bits = _check_act_bits(merged['a_bits'], 'quant_cfg.a_bits')
+        for key in ('keep_8bit', 'skip', 'overrides'):
+            if merged[key] is not None and not isinstance(merged[key], (list, tuple)):
+                raise ValueError(f'quant_cfg.{key} must be a list, got {merged[key]!r}')
         self.keep_8bit = list(merged['keep_8bit'] or [])
         self.skip = list(merged['skip'] or [])
         self.overrides = []
@@ -89,7 +92,7 @@ class QuantConfig:
         for p in self.keep_8bit:
             if (p == 'first' and name == first) or (p == 'last' and name == last) or (
                     p not in ('first', 'last') and fnmatch.fnmatchcase(name, p)):
-                w, a = 8, 8
+                w, a = max(w, 8), (None if a is None else max(a, 8))
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o['pattern']):
                 w = o.get('w_bits', w)

@@ -91,12 +91,9 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     ranges need data: see :func:`mmbrecq.calibrate_activations`.
     """
     qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
-    model.eval()
-    if qcfg['fold_bn']:
-        fold_bn(model)
+    # every check first: a config error must leave the user's model untouched
     rules = _build_rules(qcfg['block_rules'])
     factory = _QuantizerFactory(qcfg)
-
     layer_names = [n for n, m in model.named_modules() if quant_twin(m) is not None]
     if not layer_names:
         raise ValueError(f'{type(model).__name__} has no Conv2d/Linear layer to quantize')
@@ -105,6 +102,9 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     if not kept:
         raise ValueError('quant_cfg.skip excludes every quantizable layer')
     first, last = kept[0], kept[-1]
+    model.eval()
+    if qcfg['fold_bn']:
+        fold_bn(model)
     device = next(model.parameters()).device
 
     def swap_layer(name, with_input_quantizer):
@@ -113,31 +113,29 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
         in_q = factory.act(a_bits, device) if with_input_quantizer else None
         qlayer = quant_twin(layer).from_float(layer, factory.weight(layer, w_bits), in_q)
         _set_submodule(model, name, qlayer)
-        return qlayer, a_bits
+        return qlayer
 
     def visit(prefix, module):
         for child_name, child in list(module.named_children()):
             name = prefix + child_name
             rule = next((r for r in rules if r.matches(child)), None)
             if rule is not None:
-                inner = [n for n, m in child.named_modules() if quant_twin(m) is not None
-                         and not qcfg.is_skipped(f'{name}.{n}')]
+                every = [n for n, m in child.named_modules() if quant_twin(m) is not None]
+                entries = set(rule.entry_layers(child, every))  # skipped layers still read the input
+                inner = [n for n in every if not qcfg.is_skipped(f'{name}.{n}')]
                 if not inner:
                     continue
-                entries = set(rule.entry_layers(child, inner))
-                block_a_bits = None
                 for rel in inner:
-                    _, a_bits = swap_layer(f'{name}.{rel}', rel not in entries)
-                    if rel == inner[0]:
-                        block_a_bits = a_bits
-                in_q = factory.act(block_a_bits, device)
+                    swap_layer(f'{name}.{rel}', rel not in entries)
+                # the block input is quantized at the activation bits of its first layer
+                in_q = factory.act(qcfg.bits_for(f'{name}.{every[0]}', first, last)[1], device)
                 if in_q is not None:
                     child.add_module('input_quantizer', in_q)
                     child.register_forward_pre_hook(_quantize_block_input)
                 setattr(child, UNIT_ATTR, rule.kind)
             elif quant_twin(child) is not None:
                 if not qcfg.is_skipped(name):
-                    qlayer, _ = swap_layer(name, True)
+                    qlayer = swap_layer(name, True)
                     setattr(qlayer, UNIT_ATTR, type(child).__name__)
             else:
                 visit(name + '.', child)
@@ -168,7 +166,7 @@ def quantizers_of(module: nn.Module, role=None):
 def set_quant_state(module: nn.Module, weight: bool = True, act: bool = True):
     """Enable/disable weight and activation quantization everywhere under ``module``."""
     for q in quantizers_of(module):
-        q.enabled = weight if q.role == 'weight' else act
+        q.enabled = weight if getattr(q, 'role', 'act') == 'weight' else act
     return module
 
 

@@ -45,6 +45,7 @@ class CacheBudget:
         self.host_bytes = int(host * 2**30)
         self.disk_dir = disk_dir
         self.used = {'device': 0, 'host': 0, 'disk': 0}
+        self.live = []
 
     def place(self, nbytes):
         if self.device.type != 'cpu' and self.used['device'] + nbytes <= self.device_bytes:
@@ -58,10 +59,17 @@ class CacheBudget:
         where = self.place(nbytes)
         cache = SampleCache(shape, dtype, where, self, name)
         self.used[where] += nbytes
+        self.live.append(cache)
         return cache
 
     def release(self, cache):
         self.used[cache.where] -= cache.nbytes
+        self.live.remove(cache)
+
+    def free_all(self):
+        """Free every cache still allocated (after an error: no memmap left on disk)."""
+        for cache in list(self.live):
+            cache.free()
 
 
 class SampleCache:

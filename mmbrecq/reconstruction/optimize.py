@@ -57,6 +57,8 @@ def _param_groups(unit, cfg, with_alpha=True, with_steps=True):
     groups = []
     if with_alpha and wq:
         groups.append(dict(params=[q.alpha for q in wq], lr=cfg['weight_lr'], cosine=False))
+    for q in aq:
+        q.scale.requires_grad_(with_steps)
     if with_steps and aq:
         groups.append(dict(params=[q.scale for q in aq], lr=cfg['act_lr'], cosine=True))
     return wq, aq, groups

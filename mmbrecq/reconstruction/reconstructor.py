@@ -66,6 +66,7 @@ class BlockReconstructor:
     def __init__(self, **cfg):
         cfg.pop('type', None)
         self.cfg = recon_config(cfg)
+        self._orphans = []  # quantizers outside every unit; set per run
         self.task_loss = build_from(TASK_LOSSES, self.cfg['task_loss']) if self.cfg['loss'] == 'fisher_diag' else None
 
     # -- units ---------------------------------------------------------------------------
@@ -78,15 +79,26 @@ class BlockReconstructor:
             raise ValueError('the model has no reconstruction unit: was it passed through quantize_model?')
         return units
 
+    def _quantized_stream(self, qmodel, units):
+        """Model state of the quantized stream: ``units`` quantized, everything else float,
+        except quantizers that belong to no unit (a block's input quantizer in layer-wise
+        mode), which always quantize, as they will in the final model."""
+        set_quant_state(qmodel, False, False)
+        for q in self._orphans:
+            q.enabled = True
+        for u in units:
+            set_quant_state(u.module, True, True)
+
     # -- capture -------------------------------------------------------------------------
     def _alloc(self, budget, calib, shapes, name):
         return [budget.allocate((calib.num_samples, ) + s, name=f'{name}{k}') for k, s in enumerate(shapes)]
 
     def _prefix_capture(self, qmodel, unit, trace, calib, caches_in, caches_out, quantized_before):
         """Fill caches from a model run stopped at the unit (float, or with earlier units quantized)."""
-        set_quant_state(qmodel, False, False)
-        for u in quantized_before:
-            set_quant_state(u.module, True, True)
+        if quantized_before is None:
+            set_quant_state(qmodel, False, False)
+        else:
+            self._quantized_stream(qmodel, quantized_before)
 
         def on_input(b, k, x):
             caches_in[k].write(calib.offsets[b], x)
@@ -122,15 +134,13 @@ class BlockReconstructor:
         if chained:
             self._carry(unit.module, x_fp, y_fp, calib, quantized=False)
         else:
-            self._prefix_capture(qmodel, unit, trace, calib, x_fp, y_fp, [])
+            self._prefix_capture(qmodel, unit, trace, calib, x_fp, y_fp, None)
         return x_q, x_fp, y_fp
 
     # -- Fisher ---------------------------------------------------------------------------
     def _fisher(self, qmodel, unit, trace, calib, budget, fp_outputs, done_units):
         """Gradient of the task loss w.r.t. the unit's output, model quantized up to the unit."""
-        set_quant_state(qmodel, False, False)
-        for u in done_units + [unit]:
-            set_quant_state(u.module, True, True)
+        self._quantized_stream(qmodel, done_units + [unit])
         grads = self._alloc(budget, calib, trace.out_shapes, 'fisher')
         device = budget.device
         for b, batch in enumerate(calib.batches):
@@ -189,15 +199,21 @@ class BlockReconstructor:
         logger = logger or MMLogger.get_current_instance()
         cb = _Callbacks(callbacks)
         device = next(qmodel.parameters()).device
-        budget = CacheBudget(device, disk_dir=work_dir, **cfg['cache'])
+        if work_dir:
+            os.makedirs(work_dir, exist_ok=True)
+        budget = CacheBudget(device, **{'disk_dir': work_dir, **cfg['cache']})
         units, traces = probe_units(qmodel, self.units_of(qmodel), calib)
+        in_units = {id(q) for u in units for q in quantizers_of(u.module)}
+        self._orphans = [q for q in quantizers_of(qmodel) if id(q) not in in_units]
         done, records = ([], [])
         if resume and work_dir:
             done, records = self._load_state(qmodel, work_dir, units, logger)
 
-        requires_grad = {p: p.requires_grad for p in qmodel.parameters()}
-        for p in requires_grad:
+        quant_params = {id(p) for q in quantizers_of(qmodel) for p in q.parameters()}
+        requires_grad = {p: p.requires_grad for p in qmodel.parameters() if id(p) not in quant_params}
+        for p in qmodel.parameters():  # only what a unit's optimiser selects will train
             p.requires_grad_(False)
+        carry = None
         try:
             if any(not q.initialized for q in quantizers_of(qmodel, 'act')):
                 set_quant_state(qmodel, True, True)
@@ -211,7 +227,6 @@ class BlockReconstructor:
             todo = [u for u in units if u.name not in done]
             bar = ProgressBar(len(todo) * per_unit) if cfg['progress'] and todo else None
             done_units = [u for u in units if u.name in done]
-            carry = None
             for i, unit in enumerate(units):
                 if unit.name in done:
                     continue
@@ -223,12 +238,8 @@ class BlockReconstructor:
                 if work_dir:
                     self._save_state(qmodel, work_dir, done, records)
                 cb('after_unit', index=i, unit=unit, record=records[-1], records=records)
-            if carry is not None:
-                for c in carry['x_q'] or []:
-                    c.free()
-                for c in carry['y_fp']:
-                    c.free()
         finally:
+            budget.free_all()  # also on errors: no memmap left behind in the work dir
             for p, flag in requires_grad.items():
                 p.requires_grad_(flag)
         set_quant_state(qmodel, True, True)
@@ -254,9 +265,7 @@ class BlockReconstructor:
         t2 = time.perf_counter()
         data = UnitData(x_q, x_fp if cfg['input_mix'] != 'quant' else None, y_fp, weights)
         where = data.describe()
-        set_quant_state(qmodel, False, False)
-        for u in done_units:
-            set_quant_state(u.module, True, True)
+        self._quantized_stream(qmodel, done_units)
         snapshot = copy.deepcopy(unit.module.state_dict())
         status = 'ok'
         try:
