@@ -17,10 +17,9 @@ mmpretrain's ``CIFAR10``, so mmpretrain pipelines start without ``LoadImageFromF
 from typing import List, Optional, Tuple
 
 import numpy as np
+from mmpretrain.datasets import BaseDataset
 
 from mmbrecq.registry import DATASETS
-
-from mmpretrain.datasets import BaseDataset
 
 DIGITS_CLASSES = tuple(str(i) for i in range(10))
 #: sizes of the fixed stratified split
@@ -36,7 +35,8 @@ def _upsample(img8: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(img8).resize((size, size), Image.Resampling.BILINEAR))
 
 
-def load_digits_split(split: str = 'train', img_size: int = IMG_SIZE) -> Tuple[np.ndarray, np.ndarray]:
+def load_digits_split(split: str = 'train',
+                      img_size: int = IMG_SIZE) -> Tuple[np.ndarray, np.ndarray]:
     """The images and labels of one split, as arrays.
 
     Returns:
