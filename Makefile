@@ -12,7 +12,7 @@ setup:
 	bash tools/setup_env.sh
 
 demo: setup
-	$(PY) tools/ptq.py configs/brecq/digits_demo.py
+	$(PY) tools/demo.py
 
 test: setup
 	$(PY) -m pytest -q tests

@@ -6,7 +6,7 @@
 _base_ = 'mmpretrain::regnet/regnetx-400mf_8xb128_in1k.py'
 custom_imports = dict(imports=['mmbrecq'], allow_failed_imports=False)
 float_checkpoint = None  # --checkpoint PATH
-model = dict(backbone=dict(arch=dict(w0=48, wa=36.97, wm=2.24, group_w=24, depth=16, bot_mul=1.0)),
+model = dict(backbone=dict(arch=dict(_delete_=True, w0=48, wa=36.97, wm=2.24, group_w=24, depth=16, bot_mul=1.0)),
              head=dict(in_channels=528))
 
 quant_cfg = dict(

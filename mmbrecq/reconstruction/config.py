@@ -14,7 +14,7 @@ DEFAULT_RECON = dict(
     act_mode='joint',          # 'joint' (alpha and steps together) | 'two_stage' (reference)
     act_iters=None,            # two_stage: iterations of the step stage (default: iters)
     loss='fisher_diag',        # 'fisher_diag' | 'mse'
-    fisher_weight='normalized',  # 'normalized' | 'abs_plus_one' (reference) | 'raw'
+    fisher_weight='abs_plus_one',  # (|g|+1)^2 as the reference; 'normalized' | 'raw' (see README)
     task_loss=dict(type='ClassificationKL'),
     input_mix='quant',         # unit input from 'quant' model, 'fp' model, or 'qdrop' mix
     qdrop_prob=0.5,            # qdrop: probability of keeping the quantized value

@@ -1,0 +1,80 @@
+"""FP / nearest / layer-wise AdaRound / BRECQ / BRECQ+QDrop on the digits demo model.
+
+Accuracy saturates on easy data, so besides top-1 this prints the mean KL divergence
+of the quantized logits from the float logits on the test split, which still ranks the
+methods. All methods share one calibration set (train split, training augmentation)
+and one seed; each row is measured in this run.
+
+    python benchmarks/bench_digits_methods.py [--settings w4a4 w2a4 w3a3 w2a2]
+        [--iters 1000] [--num-samples 512] [--methods nearest layerwise brecq brecq_qdrop]
+"""
+import argparse
+import copy
+import json
+import time
+
+import torch
+
+from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
+
+METHODS = {
+    'nearest': None,
+    'layerwise': dict(granularity='layer', loss='mse'),
+    'brecq': dict(),
+    'brecq_qdrop': dict(input_mix='qdrop'),
+}
+
+
+def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits):
+    import mmbrecq
+    w, a = (int(x) for x in setting[1:].split('a'))
+    model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(w_bits=w, a_bits=a))
+    mmbrecq.set_quant_state(model, True, True)
+    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward)
+    t0 = time.perf_counter()
+    if METHODS[method] is not None:
+        recon = dict(iters=args.iters, progress=False, seed=args.seed, **METHODS[method])
+        mmbrecq.reconstruct(model, calib, recon, logger='silent')
+    seconds = time.perf_counter() - t0
+    top1, kl = top1_and_kl(model, test_batches, fp_logits)
+    return dict(setting=setting, method=method, top1=top1, kl=kl, seconds=seconds)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--settings', nargs='+', default=['w4a4', 'w2a4', 'w3a3', 'w2a2'])
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--iters', type=int, default=1000)
+    p.add_argument('--num-samples', type=int, default=512)
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--json', help='also write the rows to this file')
+    args = p.parse_args()
+
+    import mmbrecq
+    from mmbrecq.reconstruction import CalibrationSet
+    torch.manual_seed(args.seed)
+    cfg, float_model = load_float_model()
+    calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', args.num_samples, 64, args.seed),
+                           tensor_forward)
+    test_batches = preprocessed_batches(cfg, float_model, 'test', None, 120)
+    with torch.no_grad():
+        fp_logits = [tensor_forward(float_model, b) for b in test_batches]
+    fp_top1, _ = top1_and_kl(float_model, test_batches, fp_logits)
+    print(f'digits test split (360 images), calibration {calib.num_samples} train images, '
+          f'{args.iters} iterations per unit, seed {args.seed}')
+    print(f'{"setting":8s} {"method":12s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')
+    print(f'{"float":8s} {"-":12s} {fp_top1:7.2f} {0:10.4f} {0:8.1f}')
+    rows = [dict(setting='float', method='-', top1=fp_top1, kl=0.0, seconds=0.0)]
+    for setting in args.settings:
+        for method in args.methods:
+            r = run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits)
+            rows.append(r)
+            print(f'{r["setting"]:8s} {r["method"]:12s} {r["top1"]:7.2f} {r["kl"]:10.4f} {r["seconds"]:8.1f}',
+                  flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=2)
+
+
+if __name__ == '__main__':
+    main()

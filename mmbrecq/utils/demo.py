@@ -1,0 +1,61 @@
+"""Helpers for scripts and tests that use the API without a runner (the digits demo model).
+
+They load a float model from its config and checkpoint, turn a split of its dataset into
+preprocessed batches, and score a model against float logits (top-1 and the mean
+KL(float || quantized), which still ranks methods when accuracy saturates).
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+
+DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
+DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
+
+
+def load_float_model(config=DIGITS_CONFIG, checkpoint=DIGITS_CHECKPOINT):
+    """``(cfg, model)``: an mmpretrain classifier with its float weights, in eval mode."""
+    from mmengine.config import Config
+    from mmengine.runner import load_checkpoint
+    from mmpretrain.registry import MODELS
+    cfg = Config.fromfile(config)
+    model = MODELS.build(cfg.model)
+    load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
+    return cfg, model.eval()
+
+
+def preprocessed_batches(cfg, model, split, num_samples=None, batch_size=64, seed=0):
+    """Batches of ``cfg.<split>_dataloader`` after the model's data preprocessor.
+
+    The train split is shuffled with ``seed`` and keeps its training augmentation (the
+    paper's calibration setting); ``num_samples=None`` takes the whole split.
+    """
+    from mmengine.runner import Runner
+    loader_cfg = copy.deepcopy(cfg[f'{split}_dataloader'])
+    loader_cfg.update(batch_size=batch_size, num_workers=0, persistent_workers=False)
+    loader_cfg['sampler'] = dict(type='DefaultSampler', shuffle=split == 'train', seed=seed)
+    out, n = [], 0
+    with torch.no_grad():
+        for b in Runner.build_dataloader(loader_cfg, seed=seed):
+            out.append(model.data_preprocessor(b, training=False))
+            n += out[-1]['inputs'].shape[0]
+            if num_samples and n >= num_samples:
+                break
+    return out
+
+
+def tensor_forward(model, batch):
+    return model(batch['inputs'], batch['data_samples'], mode='tensor')
+
+
+@torch.no_grad()
+def top1_and_kl(model, batches, ref_logits):
+    """Top-1 (%) against the labels and mean KL(softmax(ref) || softmax(model)) per sample."""
+    correct, total, kl = 0, 0, 0.0
+    for b, ref in zip(batches, ref_logits):
+        logits = tensor_forward(model, b)
+        labels = torch.cat([s.gt_label for s in b['data_samples']])
+        correct += int((logits.argmax(1) == labels).sum())
+        total += labels.numel()
+        kl += float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), log_target=True, reduction='sum'))
+    return 100.0 * correct / total, kl / total

@@ -1,0 +1,59 @@
+"""BRECQ on a real trained classifier (the digits demo model): the method's ordering.
+
+At W4A4 and W2A4, BRECQ >= layer-wise AdaRound >= nearest rounding in top-1, with the
+mean KL(float || quantized) ordered the same way (it still ranks methods where top-1
+saturates), and W4A4 BRECQ within 1.5 points of float. Short schedules (CPU budget):
+the full comparison lives in benchmarks/bench_digits_methods.py.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+import mmbrecq
+from mmbrecq.reconstruction import CalibrationSet
+from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def setup():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        torch.manual_seed(0)
+        cfg, model = load_float_model()
+        calib = CalibrationSet(preprocessed_batches(cfg, model, 'train', 256, 64, seed=0), tensor_forward)
+        test = preprocessed_batches(cfg, model, 'test', None, 120)
+    finally:
+        os.chdir(cwd)
+    with torch.no_grad():
+        ref = [tensor_forward(model, b) for b in test]
+    fp_top1, _ = top1_and_kl(model, test, ref)
+    return model, calib, test, ref, fp_top1
+
+
+def quantized(model, calib, w, a, recon=None):
+    q = mmbrecq.quantize_model(copy.deepcopy(model), dict(w_bits=w, a_bits=a))
+    mmbrecq.set_quant_state(q, True, True)
+    mmbrecq.calibrate_activations(q, calib.batches[:1], calib.forward)
+    if recon is not None:
+        mmbrecq.reconstruct(q, calib, dict(iters=150, progress=False, seed=0, **recon), logger='silent')
+    return q
+
+
+@pytest.mark.parametrize('w,a', [(4, 4), (2, 4)])
+def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
+    model, calib, test, ref, fp_top1 = setup
+    scores = {}
+    for name, recon in (('nearest', None), ('layerwise', dict(granularity='layer', loss='mse')),
+                        ('brecq', dict())):
+        scores[name] = top1_and_kl(quantized(model, calib, w, a, recon), test, ref)
+    print(f'W{w}A{a} float {fp_top1:.2f}', {k: (round(t, 2), round(kl, 4)) for k, (t, kl) in scores.items()})
+    (n_top1, n_kl), (l_top1, l_kl), (b_top1, b_kl) = scores['nearest'], scores['layerwise'], scores['brecq']
+    assert b_top1 >= l_top1 >= n_top1
+    assert b_kl < l_kl < n_kl
+    if (w, a) == (4, 4):
+        assert b_top1 >= fp_top1 - 1.5
