@@ -248,3 +248,9 @@ def test_float_activations_with_default_keep_8bit(a_bits):
     model = quantize_model(_small_model(), _cfg(a_bits=a_bits))
     assert model[0].weight_quantizer.bits == 8 and model[7].weight_quantizer.bits == 8
     assert quantizers_of(model, 'act') == []
+
+
+def test_mixed_precision_not_silently_ignored():
+    """A section no code path reads yet must be refused, not silently dropped."""
+    with pytest.raises(ValueError, match='quant_cfg.mixed_precision'):
+        QuantConfig(dict(mixed_precision=dict(type='GeneticSearcher', budget=dict(size_mb=1))))
