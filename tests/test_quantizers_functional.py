@@ -301,3 +301,25 @@ def test_lp_error_sum_and_dim():
     p = 2.4
     assert lp_error(x, y, p).item() == pytest.approx(1 + 2 ** p + 2 ** p)
     assert torch.allclose(lp_error(x, y, p, dim=1), _t([1 + 2 ** p, 2 ** p]))
+
+
+@pytest.mark.parametrize('per_channel', [False, True])
+def test_fused_lsq_equals_composed_fake_quant(per_channel):
+    """The fused LSQ node gives the composed expression's values and both gradients."""
+    from mmbrecq.quantizers.functional import fake_quant_lsq
+    torch.manual_seed(3)
+    x0 = torch.randn(4, 3, 5, 5) * 3
+    s0 = torch.tensor([0.3, 0.2, 0.5]).view(1, 3, 1, 1) if per_channel else torch.tensor(0.3)
+    z = torch.full_like(s0, 7.0)
+    g = torch.randn(4, 3, 5, 5)
+    outs = []
+    for fused in (False, True):
+        x, s = x0.clone().requires_grad_(), s0.clone().requires_grad_()
+        y = fake_quant_lsq(x, s, z, 0, 15, 0.1) if fused else fake_quant(x, grad_scale(s, 0.1), z, 0, 15)
+        y.backward(g)
+        outs.append((y.detach(), x.grad, s.grad))
+    (y1, gx1, gs1), (y2, gx2, gs2) = outs
+    assert torch.equal(y1, y2)
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)  # composed: g * s / s
+    assert torch.allclose(gs1, gs2, rtol=1e-5, atol=1e-6)
+    assert gs1.abs().sum() > 0

@@ -57,3 +57,39 @@ def lp_error(x: torch.Tensor, y: torch.Tensor, p: float, dim=None) -> torch.Tens
     """Sum of ``|x - y|^p`` (over ``dim`` or all elements)."""
     err = (x - y).abs().pow(p)
     return err.sum() if dim is None else err.sum(dim=dim)
+
+
+class _FakeQuantLSQ(torch.autograd.Function):
+    """``fake_quant`` with LSQ's step gradient as one autograd node.
+
+    Same values and gradients as the composition in :func:`fake_quant` (straight-through
+    rounding, no input gradient outside the grid, LSQ step gradient times
+    ``grad_factor``), but the graph holds one node and one saved input instead of
+    seven, and the backward is two fused expressions. This is the activation quantizer
+    of every reconstruction step, so its memory traffic is the per-iteration overhead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
+        ctx.save_for_backward(x, scale, zero_point)
+        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
+        return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale, zero_point = ctx.saved_tensors
+        xs = x / scale
+        q = torch.round(xs) + zero_point
+        inside = (q >= ctx.qmin) & (q <= ctx.qmax)
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            # inside: round(x/s) - x/s ; outside: (qmin|qmax) - z
+            d = torch.clamp(q, ctx.qmin, ctx.qmax) - zero_point - torch.where(inside, xs, 0)
+            grad_s = (grad * d).sum_to_size(scale.shape) * ctx.grad_factor
+        return grad_x, grad_s, None, None, None, None
+
+
+def fake_quant_lsq(x, scale, zero_point, qmin, qmax, grad_factor=1.0):
+    """Fused :func:`fake_quant` whose step gradient is scaled by ``grad_factor`` (LSQ)."""
+    return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, grad_factor)

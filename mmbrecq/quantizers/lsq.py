@@ -4,7 +4,7 @@ import math
 import torch
 
 from mmbrecq.registry import MODELS, QUANTIZERS
-from .functional import fake_quant, grad_scale
+from .functional import fake_quant_lsq
 from .uniform import UniformQuantizer
 
 
@@ -31,10 +31,11 @@ class LSQQuantizer(UniformQuantizer):
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._broadcast(self.scale, x)
+        factor = 1.0
         if self.use_grad_scale and scale.requires_grad:
             features = x[0].numel() if x.dim() > 1 else x.numel()
-            scale = grad_scale(scale, 1.0 / math.sqrt(features * self.qmax))
-        xq = fake_quant(x, scale, self._broadcast(self.zero_point, x), self.qmin, self.qmax)
+            factor = 1.0 / math.sqrt(features * self.qmax)
+        xq = fake_quant_lsq(x, scale, self._broadcast(self.zero_point, x), self.qmin, self.qmax, factor)
         if self.drop_prob > 0 and self.training:
             keep_float = torch.rand_like(x) < self.drop_prob
             xq = torch.where(keep_float, x, xq)
