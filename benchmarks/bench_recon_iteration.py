@@ -25,7 +25,11 @@ def build_resnet18():
 
 def block_input_shape(model, name, res):
     shapes = {}
-    h = model.get_submodule(name).register_forward_pre_hook(lambda m, a: shapes.setdefault('x', a[0].shape))
+
+    def record(module, args):
+        shapes['x'] = args[0].shape
+
+    h = model.get_submodule(name).register_forward_pre_hook(record)
     with torch.no_grad():
         model(torch.randn(1, 3, res, res), mode='tensor')
     h.remove()

@@ -218,3 +218,20 @@ def test_classification_kl_float32_gradient_vs_central_differences():
         d = d.view_as(q)
         num.view(-1)[idx] = (loss(q + d, fp) - loss(q - d, fp)) / (2 * eps)
     torch.testing.assert_close(g, num, atol=1e-3, rtol=1e-2)
+
+
+@pytest.mark.parametrize('shape', [(4, 3, 5, 5), (6, 10)])
+@pytest.mark.parametrize('weighted', [False, True])
+def test_fused_reconstruction_loss_matches_naive_expression(shape, weighted):
+    """The fused loss node equals ((out - y)^2 * w).sum(1).mean() in value and gradient."""
+    torch.manual_seed(1)
+    out0, y = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    w = torch.rand(shape, dtype=torch.float64) if weighted else None
+    a = out0.clone().requires_grad_()
+    naive = ((a - y).pow(2) * (w if weighted else 1)).sum(1).mean()
+    naive.backward()
+    b = out0.clone().requires_grad_()
+    fused = reconstruction_loss(b, y, w)
+    fused.backward()
+    assert torch.allclose(naive, fused)
+    assert torch.allclose(a.grad, b.grad)

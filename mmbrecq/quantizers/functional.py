@@ -64,29 +64,34 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     Same values and gradients as the composition in :func:`fake_quant` (straight-through
     rounding, no input gradient outside the grid, LSQ step gradient times
-    ``grad_factor``), but the graph holds one node and one saved input instead of
-    seven, and the backward is two fused expressions. This is the activation quantizer
-    of every reconstruction step, so its memory traffic is the per-iteration overhead.
+    ``grad_factor``), but the graph holds one node instead of seven, and the forward
+    keeps exactly what the backward needs (the grid mask and the step's local gradient),
+    so the backward is one multiply and one reduction. This runs on every activation of
+    every reconstruction step: its memory traffic is the per-iteration overhead.
     """
 
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
-        ctx.save_for_backward(x, scale, zero_point)
-        ctx.qmin, ctx.qmax, ctx.grad_factor = qmin, qmax, grad_factor
-        return (torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale
+        xs = x / scale
+        q = torch.round(xs).add_(zero_point)
+        inside = (q >= qmin).logical_and_(q <= qmax)
+        q.clamp_(qmin, qmax).sub_(zero_point)        # integer offset from the zero point
+        out = q * scale
+        if ctx.needs_input_grad[1]:
+            # d out / d scale: round(x/s) - x/s inside the grid, (qmin|qmax) - z outside
+            ctx.save_for_backward(inside, q.sub_(xs.mul_(inside)))
+        else:
+            ctx.save_for_backward(inside, None)
+        ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point = ctx.saved_tensors
-        xs = x / scale
-        q = torch.round(xs) + zero_point
-        inside = (q >= ctx.qmin) & (q <= ctx.qmax)
+        inside, dscale = ctx.saved_tensors
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
-        if ctx.needs_input_grad[1]:
-            # inside: round(x/s) - x/s ; outside: (qmin|qmax) - z
-            d = torch.clamp(q, ctx.qmin, ctx.qmax) - zero_point - torch.where(inside, xs, 0)
-            grad_s = (grad * d).sum_to_size(scale.shape) * ctx.grad_factor
+        if dscale is not None:
+            grad_s = (grad * dscale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
         return grad_x, grad_s, None, None, None, None
 
 

@@ -22,12 +22,30 @@ def fisher_weight(grad: torch.Tensor, mode: str, mean_sq: float = None) -> torch
     raise ValueError(f'quant_cfg.recon.fisher_weight={mode!r}: expected one of {FISHER_WEIGHTS}')
 
 
+class _WeightedSquaredError(torch.autograd.Function):
+    """``sum(w * (out - target)^2) / count`` as one node: the forward keeps ``w * err``,
+    the backward is a single scaled copy of it (no pow/mul/sum graph per step)."""
+
+    @staticmethod
+    def forward(ctx, out, target, weight, count):
+        err = out - target
+        werr = err * weight if weight is not None else err
+        ctx.save_for_backward(werr)
+        ctx.count = count
+        return torch.dot(werr.reshape(-1), err.reshape(-1)) / count
+
+    @staticmethod
+    def backward(ctx, grad):
+        werr, = ctx.saved_tensors
+        return werr * (grad * 2 / ctx.count), None, None, None
+
+
 def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.Tensor = None):
-    """Squared error summed over channels (dim 1), averaged over the rest, as in BRECQ."""
-    err = (out - target).pow(2)
-    if weight is not None:
-        err = err * weight
-    return err.sum(1).mean() if err.dim() > 1 else err.mean()
+    """Squared error (optionally weighted) summed over channels (dim 1), averaged over the
+    rest (batch and positions), as in BRECQ."""
+    count = out.numel() // out.shape[1] if out.dim() > 1 else out.numel()
+    return _WeightedSquaredError.apply(out.contiguous(), target.contiguous(),
+                                       None if weight is None else weight.contiguous(), count)
 
 
 class RoundingSchedule:
