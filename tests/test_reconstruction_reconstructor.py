@@ -349,7 +349,7 @@ def test_disk_cache_placement_and_cleanup(tmp_path):
     records = mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='fisher_diag', cache=dict(host_gb=0)),
                                   work_dir=str(tmp_path))
     assert all('disk' in r['cache'] for r in records)
-    assert os.listdir(str(tmp_path)) == ['recon_state.pth']     # every memmap removed
+    assert sorted(os.listdir(str(tmp_path))) == ['recon_losses.png', 'recon_state.pth']  # every memmap removed
 
 
 def test_cache_disk_dir_option(tmp_path):
@@ -367,7 +367,7 @@ def test_cache_disk_dir_option(tmp_path):
                                   work_dir=str(work), callbacks=[Look()])
     assert all('disk' in r['cache'] for r in records)
     # the carried caches live in disk_dir between units, never in the work dir
-    assert all(any(f.endswith('.bin') for f in d) and w == ['recon_state.pth'] for d, w in seen)
+    assert all(any(f.endswith('.bin') for f in d) and not any(f.endswith('.bin') for f in w) for d, w in seen)
     assert os.listdir(str(disk)) == []
 
 
@@ -375,7 +375,7 @@ def test_interrupted_run_leaves_no_disk_cache(tmp_path):
     with pytest.raises(Interrupt):
         mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='fisher_diag', cache=dict(host_gb=0)),
                             work_dir=str(tmp_path), callbacks=[InterruptAfter(1)])
-    assert os.listdir(str(tmp_path)) == ['recon_state.pth']
+    assert not [f for f in os.listdir(str(tmp_path)) if f.endswith('.bin')]
 
 
 def test_missing_work_dir_is_created(tmp_path):
@@ -423,3 +423,11 @@ def test_same_seed_same_result_bitwise():
     c = _run(1, **cfg)
     alphas = [k for k in a if k.endswith('alpha')]
     assert any(not torch.equal(a[k], c[k]) for k in alphas)    # the seed is really used
+
+
+def test_api_writes_loss_plot_unless_disabled(tmp_path):
+    mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE), work_dir=str(tmp_path / 'a'))
+    png = tmp_path / 'a' / 'recon_losses.png'
+    assert png.is_file() and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE), work_dir=str(tmp_path / 'b'), plot=False)
+    assert not (tmp_path / 'b' / 'recon_losses.png').exists()

@@ -121,7 +121,7 @@ class PTQLoop(TestLoop):
         t0 = time.perf_counter()
         recon_cfg = dict(qcfg['recon'])
         records = reconstruct(model, calib, recon_cfg, work_dir=runner.work_dir, resume=self.resume,
-                              logger=runner.logger, callbacks=[_HookRelay(runner)])
+                              logger=runner.logger, callbacks=[_HookRelay(runner)], plot=False)
         self.results['seconds']['reconstruction'] = time.perf_counter() - t0
         self.results['units'] = [{k: v for k, v in r.items() if k != 'history'} for r in records]
         del calib

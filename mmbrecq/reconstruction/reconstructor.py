@@ -17,6 +17,7 @@ from .capture import CalibrationSet, probe_units, run_capture
 from .config import recon_config
 from .objective import fisher_weight
 from .optimize import NonFiniteLoss, UnitData, optimise_unit
+from .plot import plot_losses
 
 STATE_FILE = 'recon_state.pth'
 
@@ -52,6 +53,16 @@ class _Callbacks:
             fn = getattr(o, event, None)
             if fn is not None:
                 fn(**kwargs)
+
+
+class _LossPlot:
+    """Redraws the loss curves after every unit (the runner uses ReconLossPlotHook instead)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def after_unit(self, index, unit, record, records):
+        plot_losses(records, self.path)
 
 
 @RECONSTRUCTORS.register_module()
@@ -304,7 +315,7 @@ class BlockReconstructor:
 
 
 def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resume=False, logger=None,
-                callbacks=()):
+                callbacks=(), plot=True):
     """Reconstruct a quantized model (from :func:`mmbrecq.quantize_model`) in place.
 
     Args:
@@ -314,6 +325,10 @@ def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resu
         recon_cfg: ``quant_cfg.recon`` (dict); see ``config.DEFAULT_RECON``.
         work_dir: where the resume state (and disk caches) go; ``None``: no resume point.
         resume: continue after the last unit saved in ``work_dir``.
+        callbacks: observers with optional ``before_unit(index, unit)`` /
+            ``after_unit(index, unit, record, records)`` methods.
+        plot: redraw ``work_dir/recon_losses.png`` after every unit (the PTQ loop leaves
+            that to its ReconLossPlotHook).
     Returns:
         one record per unit (losses, times, cache placement, status).
     """
@@ -325,4 +340,7 @@ def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resu
         raise ValueError(f'quant_cfg.recon.type={rtype!r} is not a registered reconstructor; '
                          f'registered: {sorted(RECONSTRUCTORS.module_dict)}')
     reconstructor = build_from(RECONSTRUCTORS, dict(type=rtype, **cfg))
+    callbacks = list(callbacks)
+    if work_dir and plot:
+        callbacks.append(_LossPlot(osp.join(work_dir, 'recon_losses.png')))
     return reconstructor(qmodel, calib, work_dir=work_dir, resume=resume, logger=logger, callbacks=callbacks)
