@@ -73,7 +73,8 @@ if ! mmcv_ok; then
     echo "[setup] building mmcv 2.1.0 with ops against $key (about 30 min on 2 cores, once)"
     mkdir -p "$wheel_dir"
     MMCV_WITH_OPS=1 MAX_JOBS="${MAX_JOBS:-$(nproc)}" "$py" -m pip wheel --disable-pip-version-check -q \
-      --no-build-isolation --no-deps --no-cache-dir -w "$wheel_dir" mmcv==2.1.0
+      --no-build-isolation --no-deps --no-cache-dir -w "$wheel_dir" mmcv==2.1.0 \
+      2> >(grep -v 'is ignored: it is neither' >&2)
   fi
   pip_install --force-reinstall --no-deps "$wheel_dir"/mmcv-2.1.0-*.whl
   have mmcv || exit 1
