@@ -36,14 +36,12 @@ def block_input_shape(model, name, res):
     return tuple(shapes['x'][1:])
 
 
-def timeit(fn, iters, device):
-    for _ in range(3):
-        fn()
+def seconds_per_iter(run, iters, device):
+    """Wall time of ``run(iters)`` divided by ``iters`` (synchronised on CUDA)."""
     if device.type == 'cuda':
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
+    run(iters)
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
@@ -56,13 +54,19 @@ def main():
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--res', type=int, default=224)
+    p.add_argument('--rounds', type=int, default=5,
+                   help='alternating rounds of baseline and ours; the minimum of each is kept, which '
+                        'filters out interference from other processes')
+    p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import mmbrecq
     from mmbrecq.modules import fold_bn, find_units
-    from mmbrecq.reconstruction import CacheBudget, recon_config
-    from mmbrecq.reconstruction.optimize import UnitData, _param_groups, _run_stage
+    from mmbrecq.reconstruction import CacheBudget, CalibrationSet, probe_units, recon_config
+    from mmbrecq.reconstruction.optimize import UnitData, _param_groups, _run_stage, entry_quantizer, step_quantizers
     from mmbrecq.modules.swap import set_quant_state, unit_layers
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -71,8 +75,15 @@ def main():
     qmodel = mmbrecq.quantize_model(copy.deepcopy(build_resnet18()), dict(w_bits=4, a_bits=4))
     qmodel.to(device)
     float_model.to(device)
+    set_quant_state(qmodel, True, True)
+    mmbrecq.calibrate_activations(qmodel, [torch.randn(2, 3, args.res, args.res, device=device)],
+                                  lambda m, b: m(b, mode='tensor'))
     units = {u.name: u for u in find_units(qmodel)}
-    print(f'device: {device}, batch {args.batch_size}, {args.res}x{args.res}, {args.iters} timed iterations')
+    probe = CalibrationSet([torch.randn(1, 3, args.res, args.res, device=device)], lambda m, b: m(b, mode='tensor'))
+    order_units, traces = probe_units(qmodel, list(units.values()), probe)
+    order = [u.name for u in order_units]
+    print(f'device: {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
+          f'{args.res}x{args.res}, best of {args.rounds} rounds of {args.iters} iterations')
     print(f'{"block":20s} {"float f+b (ms)":>15s} {"recon iter (ms)":>16s} {"ratio":>7s}')
     for name in args.blocks:
         shape = block_input_shape(float_model, name, args.res)
@@ -93,39 +104,41 @@ def main():
             p_.requires_grad_(True)
         gen = torch.Generator(device=data.index_device).manual_seed(0)
 
-        def float_step():
-            idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=data.index_device)
-            xb = caches['x'].gather(idx)
-            out = fblock(xb)
-            loss = out.pow(2).mean()
-            loss.backward()
-
-        t_float = timeit(float_step, args.iters, device)
+        def float_steps(n):
+            for _ in range(n):
+                idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=data.index_device)
+                out = fblock(caches['x'].gather(idx))
+                out.pow(2).mean().backward()
 
         # ours: one optimisation iteration of the quantized unit
-        with torch.no_grad():
-            mmbrecq.calibrate_activations(qmodel, [torch.randn(2, 3, args.res, args.res, device=device)],
-                                          lambda m, b: m(b, mode='tensor'))
         for p_ in qmodel.parameters():
             p_.requires_grad_(False)
+        set_quant_state(qmodel, False, False)
         for layer in unit_layers(unit).values():
             layer.weight_quantizer.set_rounding('soft', layer.weight)
         set_quant_state(unit.module, True, True)
         cfg = recon_config(dict(iters=args.iters + 3, check_every=10**9))
-        wq, aq, groups = _param_groups(unit, cfg)
+        # as in a real run: a chained block's input step was learned by the previous block,
+        # and this block learns the next block's input step on its output
+        i = order.index(name)
+        out_q = entry_quantizer(order_units[i + 1]) if i + 1 < len(order) and traces[order[i + 1]].chained else None
+        if out_q is not None:
+            out_q.enabled = True
+        aq = step_quantizers(unit, out_q, input_learned=traces[name].chained)
+        wq, aq, groups = _param_groups(unit, cfg, aq)
+        print(f'  {name}: input step learned here: {not traces[name].chained}, '
+              f'learns the next block\'s input step: {out_q is not None}')
 
         def run(n):
             cfg_n = dict(cfg, iters=n)
-            _run_stage(unit, data, cfg_n, n, groups, wq, aq, True, 0, None, 'bench')
+            _run_stage(unit, data, cfg_n, n, groups, wq, aq, True, 0, None, 'bench', out_q)
 
+        float_steps(3)
         run(3)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        run(args.iters)
-        if device.type == 'cuda':
-            torch.cuda.synchronize()
-        t_recon = (time.perf_counter() - t0) / args.iters
+        t_float, t_recon = float('inf'), float('inf')
+        for _ in range(args.rounds):
+            t_float = min(t_float, seconds_per_iter(float_steps, args.iters, device))
+            t_recon = min(t_recon, seconds_per_iter(run, args.iters, device))
         print(f'{name:20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}')
 
 

@@ -431,3 +431,25 @@ def test_api_writes_loss_plot_unless_disabled(tmp_path):
     assert png.is_file() and png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE), work_dir=str(tmp_path / 'b'), plot=False)
     assert not (tmp_path / 'b' / 'recon_losses.png').exists()
+
+
+@pytest.mark.parametrize('act_mode', ['joint', 'two_stage'])
+def test_chained_input_step_is_learned_by_the_previous_unit(act_mode):
+    """Unit '3' reads unit '2''s output: its input step is learned as '2''s output
+    quantizer (as the reference's post-add+ReLU quantizer) and stays fixed in '3'."""
+    model = _quantized()
+    q3 = model.get_submodule('3').input_quantizer
+    steps = {}
+
+    class Watch:
+        def before_unit(self, index, unit):
+            steps[('before', unit.name)] = q3.scale.detach().clone()
+
+        def after_unit(self, index, unit, record, records):
+            steps[('after', unit.name)] = q3.scale.detach().clone()
+
+    mmbrecq.reconstruct(model, _batches(), dict(BASE, iters=20, act_mode=act_mode, act_lr=1e-2),
+                        callbacks=[Watch()])
+    assert not torch.equal(steps[('before', '2')], steps[('after', '2')])   # learned with unit '2'
+    assert torch.equal(steps[('before', '3')], steps[('after', '3')])       # fixed in unit '3'
+    assert not q3.scale.requires_grad

@@ -51,9 +51,32 @@ class UnitData:
         return x, self.y_fp[k].gather(idx), w
 
 
-def _param_groups(unit, cfg, with_alpha=True, with_steps=True):
+def entry_quantizer(unit):
+    """The quantizer of a unit's input (a block's pre-hook quantizer or a layer's own)."""
+    q = getattr(unit.module, 'input_quantizer', None)
+    return q if isinstance(q, LSQQuantizer) else None
+
+
+def step_quantizers(unit, out_quantizer=None, input_learned=False):
+    """The LSQ quantizers whose steps a unit learns.
+
+    As in the reference code, the quantizer "after a block's add+ReLU" is learned with
+    that block: when the next unit reads this unit's output, its input quantizer is
+    applied to this unit's output during the optimisation (``out_quantizer``) and the
+    next unit then keeps it fixed (``input_learned``). Besides matching the reference,
+    this spares every step the gradient w.r.t. the cached input (a data-gradient
+    convolution of the first layer).
+    """
+    skip = entry_quantizer(unit) if input_learned else None
+    aq = [q for q in quantizers_of(unit.module, 'act')
+          if isinstance(q, LSQQuantizer) and q.enabled and q is not skip]
+    if out_quantizer is not None:
+        aq.append(out_quantizer)
+    return aq
+
+
+def _param_groups(unit, cfg, aq, with_alpha=True, with_steps=True):
     wq = [q for q in quantizers_of(unit.module, 'weight') if isinstance(q, AdaRoundQuantizer)]
-    aq = [q for q in quantizers_of(unit.module, 'act') if isinstance(q, LSQQuantizer) and q.enabled]
     groups = []
     if with_alpha and wq:
         groups.append(dict(params=[q.alpha for q in wq], lr=cfg['weight_lr'], cosine=False))
@@ -64,7 +87,8 @@ def _param_groups(unit, cfg, with_alpha=True, with_steps=True):
     return wq, aq, groups
 
 
-def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed, progress, stage):
+def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed, progress, stage,
+               out_quantizer=None):
     """One optimisation stage; returns the loss history (iters x 2: reconstruction, rounding)."""
     device = data.y_fp[0].budget.device
     hist = torch.zeros(iters, 2, device=device)
@@ -89,7 +113,10 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
             rec = zero
             for k in range(data.calls):
                 x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
-                rec = rec + reconstruction_loss(unit.module(x), y, w)
+                out = unit.module(x)
+                if out_quantizer is not None:
+                    out = out_quantizer(out)
+                rec = rec + reconstruction_loss(out, y, w)
             beta = rounding(it) if use_round else None
             reg = zero if beta is None else cfg['lam'] * sum(q.round_loss(beta) for q in wq)
             loss = rec + reg
@@ -112,34 +139,48 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     return hist
 
 
-def optimise_unit(unit, data: UnitData, cfg, seed, progress=None):
+def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=None, input_learned=False):
     """Reconstruct ``unit`` in place; returns the loss history (iters x 2) on the host.
 
     Joint mode (default) learns alpha and the steps together; ``two_stage`` learns alpha
     with activation quantization off, then the steps with hard rounding (the reference
-    recipe uses ``act_lr=4e-4`` for that stage). Ends with hard rounding.
+    recipe uses ``act_lr=4e-4`` for that stage). Ends with hard rounding. See
+    :func:`step_quantizers` for ``out_quantizer`` / ``input_learned``.
     """
     for layer in unit_layers(unit).values():
         q = layer.weight_quantizer
         if isinstance(q, AdaRoundQuantizer):
             q.set_rounding('soft', layer.weight)
     set_quant_state(unit.module, True, True)
+    if out_quantizer is not None:
+        out_quantizer.enabled = True
+    aq_all = step_quantizers(unit, out_quantizer, input_learned)
+    skip = entry_quantizer(unit) if input_learned else None
+    if skip is not None:
+        skip.scale.requires_grad_(False)
     torch.manual_seed(seed)  # QDrop masks
     if cfg['act_mode'] == 'joint':
-        wq, aq, groups = _param_groups(unit, cfg)
-        hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint')
+        wq, aq, groups = _param_groups(unit, cfg, aq_all)
+        hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint',
+                          out_quantizer)
     else:
-        set_quant_state(unit.module, True, False)
-        wq, aq, groups = _param_groups(unit, cfg, with_steps=False)
+        set_quant_state(unit.module, True, False)  # stage 1: activations float
+        if out_quantizer is not None:
+            out_quantizer.enabled = False
+        wq, aq, groups = _param_groups(unit, cfg, aq_all, with_steps=False)
         h1 = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, [], True, seed, progress, 'weights')
         for q in wq:
             q.set_rounding('hard')
         set_quant_state(unit.module, True, True)
-        _, aq, groups = _param_groups(unit, cfg, with_alpha=False)
+        if out_quantizer is not None:
+            out_quantizer.enabled = True
+        _, aq, groups = _param_groups(unit, cfg, aq_all, with_alpha=False)
         h2 = _run_stage(unit, data, cfg, cfg['act_iters'] or cfg['iters'], groups, [], aq, False,
-                        seed + 1, progress, 'steps')
+                        seed + 1, progress, 'steps', out_quantizer)
         hist = torch.cat([h1, h2])
     freeze_unit(unit)
+    if out_quantizer is not None:
+        out_quantizer.scale.requires_grad_(False)
     return hist.cpu()
 
 

@@ -16,7 +16,7 @@ from .cache import CacheBudget
 from .capture import CalibrationSet, probe_units, run_capture
 from .config import recon_config
 from .objective import fisher_weight
-from .optimize import NonFiniteLoss, UnitData, optimise_unit
+from .optimize import NonFiniteLoss, UnitData, entry_quantizer, optimise_unit
 from .plot import plot_losses
 
 STATE_FILE = 'recon_state.pth'
@@ -241,8 +241,9 @@ class BlockReconstructor:
             for i, unit in enumerate(units):
                 if unit.name in done:
                     continue
+                nxt = units[i + 1] if i + 1 < len(units) and traces[units[i + 1].name].chained else None
                 records.append(self._reconstruct_unit(qmodel, i, unit, traces[unit.name], calib, budget,
-                                                      carry, done_units, fp_outputs, bar, logger, cb))
+                                                      carry, done_units, fp_outputs, bar, logger, cb, nxt))
                 carry = records[-1].pop('_carry')
                 done.append(unit.name)
                 done_units.append(unit)
@@ -259,7 +260,7 @@ class BlockReconstructor:
         return records
 
     def _reconstruct_unit(self, qmodel, i, unit, trace, calib, budget, carry, done_units, fp_outputs,
-                          bar, logger, cb):
+                          bar, logger, cb, next_unit=None):
         cfg = self.cfg
         cb('before_unit', index=i, unit=unit)
         t0 = time.perf_counter()
@@ -277,12 +278,17 @@ class BlockReconstructor:
         data = UnitData(x_q, x_fp if cfg['input_mix'] != 'quant' else None, y_fp, weights)
         where = data.describe()
         self._quantized_stream(qmodel, done_units)
-        snapshot = copy.deepcopy(unit.module.state_dict())
+        out_q = entry_quantizer(next_unit) if next_unit is not None else None
+        snapshot = copy.deepcopy((unit.module.state_dict(), out_q.state_dict() if out_q else None))
         status = 'ok'
         try:
-            hist = optimise_unit(unit, data, cfg, cfg['seed'] + i, bar.update if bar else None)
+            hist = optimise_unit(unit, data, cfg, cfg['seed'] + i, bar.update if bar else None,
+                                 out_quantizer=out_q, input_learned=trace.chained and i > 0)
         except NonFiniteLoss as e:
-            unit.module.load_state_dict(snapshot)
+            unit.module.load_state_dict(snapshot[0])
+            if out_q is not None:
+                out_q.load_state_dict(snapshot[1])
+                out_q.scale.requires_grad_(False)
             msg = f'unit {unit.name!r} ({unit.kind}): {e}; its state was restored to before the unit'
             if cfg['on_nan'] == 'fail':
                 print_log(msg, logger, level=40)

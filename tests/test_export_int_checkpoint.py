@@ -1,0 +1,275 @@
+"""Integer checkpoint (bit-exact round trip, 4-bit packing) and the float checkpoint with baked weights.
+
+The model is an mmpretrain ResNet-18 quantized W4A4 (first/last layer 8-bit), calibrated on
+a 32x32 batch, with every other weight quantizer switched to hard AdaRound rounding with
+random ``alpha`` (so the exported integers are not plain nearest rounding of the weights).
+"""
+import pytest
+import torch
+from mmengine.hub import get_config
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import mmbrecq
+from mmbrecq.engine import save_quantized
+from mmbrecq.export import (bake_float_checkpoint, load_integer_checkpoint, read_integer_checkpoint,
+                            save_integer_checkpoint, to_integer_checkpoint)
+from mmbrecq.export.int_checkpoint import pack_nibbles, unpack_nibbles
+from mmbrecq.modules import QuantLayerMixin, quantizers_of, set_quant_state
+
+torch.set_num_threads(1)  # 2-core CI
+
+RESNET18 = 'resnet/resnet18_8xb32_in1k.py'
+# min-max ranges: the Lp search (the default) is too slow for unit tests on 2 CPU cores
+QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', init='minmax'),
+            act_quantizer=dict(type='LSQQuantizer', init='minmax'))
+
+
+def _images(n, seed, size=32):
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _build(seed=0):
+    """Stock mmpretrain ResNet-18 with random BN statistics/affine, eval mode."""
+    from mmpretrain.registry import MODELS
+    torch.manual_seed(seed)
+    model = MODELS.build(get_config(f'mmpretrain::{RESNET18}').model)
+    g = torch.Generator().manual_seed(seed + 100)
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
+def _tensor(model, x):
+    with torch.no_grad():
+        return model(x, mode='tensor')
+
+
+def _quantized(seed=0, qcfg=QCFG):
+    model = mmbrecq.quantize_model(_build(seed), qcfg)
+    mmbrecq.calibrate_activations(model, [_images(8, seed=7)], lambda m, b: m(b, mode='tensor'))
+    g = torch.Generator().manual_seed(11)
+    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
+    for layer in layers[1::2]:
+        q = layer.weight_quantizer
+        q.set_rounding('soft', layer.weight)
+        with torch.no_grad():
+            q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
+        q.set_rounding('hard')
+    return model
+
+
+@pytest.fixture(scope='module')
+def qmodel():
+    return _quantized()
+
+
+@pytest.fixture(scope='module')
+def x():
+    return _images(4, seed=3)
+
+
+@pytest.fixture(scope='module')
+def int_ckpt(qmodel, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp('int') / 'r18_int.pth')
+    return save_integer_checkpoint(qmodel, QCFG, path)
+
+
+# ---------------------------------------------------------------------------------------
+# integer checkpoint
+# ---------------------------------------------------------------------------------------
+def test_hard_rounding_differs_from_nearest(qmodel):
+    """The fixture's AdaRound decisions are not what nearest rounding would give."""
+    layer = qmodel.backbone.layer1[0].conv1
+    q = layer.weight_quantizer
+    assert q.rounding == 'hard' and qmodel.backbone.layer1[0].conv2.weight_quantizer.rounding == 'nearest'
+    hard = q.integer_repr(layer.weight)
+    q.rounding = 'nearest'
+    try:
+        assert (q.integer_repr(layer.weight) != hard).float().mean() > 0.2
+    finally:
+        q.rounding = 'hard'
+
+
+def test_round_trip_is_bit_exact(qmodel, int_ckpt, x):
+    ref = _tensor(qmodel, x)
+    loaded = load_integer_checkpoint(_build(seed=5), int_ckpt)  # other weights and BN statistics
+    assert torch.equal(_tensor(loaded, x), ref)
+    src_layers = dict((n, m) for n, m in qmodel.named_modules() if isinstance(m, QuantLayerMixin))
+    for name, layer in loaded.named_modules():
+        if isinstance(layer, QuantLayerMixin):
+            assert layer.weight_quantizer.rounding == 'nearest'
+            src = src_layers[name]
+            # the dequantized weight is the fake-quant weight of the saved model, bit for bit
+            assert torch.equal(layer.weight, src.quantized_weight().detach())
+            assert torch.equal(layer.weight_quantizer.integer_repr(layer.weight),
+                               src.weight_quantizer.integer_repr(src.weight))
+    # and the loaded model exports the same integers again
+    again = to_integer_checkpoint(loaded, QCFG)
+    first = read_integer_checkpoint(int_ckpt)
+    for name, entry in first['layers'].items():
+        assert torch.equal(again['layers'][name]['weight']['codes'], entry['weight']['codes']), name
+        assert torch.equal(again['layers'][name]['weight']['scale'], entry['weight']['scale']), name
+
+
+def test_contents_bits_and_packing(qmodel, int_ckpt):
+    ckpt = torch.load(int_ckpt, map_location='cpu', weights_only=True)  # tensors and builtins only
+    assert ckpt['format'] == 'mmbrecq.int.v1'
+    assert ckpt['quant_cfg'] == QCFG
+    layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayerMixin)}
+    assert list(ckpt['layers']) == list(layers)
+    for name, layer in layers.items():
+        entry = ckpt['layers'][name]
+        w, wq = entry['weight'], layer.weight_quantizer
+        assert ckpt['bits'][name]['weight'] == wq.bits == w['bits']
+        assert w['scale'].shape == (layer.weight.shape[0], ) and w['zero_point'].dtype == torch.int32
+        assert torch.equal(w['zero_point'].float(), wq.zero_point)
+        n = layer.weight.numel()
+        if wq.bits <= 4:
+            assert w['packing'] == 'nibble' and w['codes'].dtype == torch.uint8
+            assert w['codes'].numel() == (n + 1) // 2
+        else:
+            assert w['packing'] is None and w['codes'].dtype == torch.uint8 and w['codes'].numel() == n
+        assert torch.equal(entry['bias'], layer.bias.detach())  # folded BN bias, float
+        in_q = layer.input_quantizer
+        assert (entry['input'] is None) == (in_q is None)
+        if in_q is not None:
+            assert entry['input']['bits'] == in_q.bits == ckpt['bits'][name]['input']
+            assert torch.equal(entry['input']['scale'], in_q.scale.detach())
+    # first and last layer 8-bit (weights and inputs), the rest 4-bit
+    assert ckpt['bits']['backbone.conv1'] == dict(weight=8, input=8)
+    assert ckpt['bits']['head.fc'] == dict(weight=8, input=8)
+    assert ckpt['bits']['backbone.layer2.0.conv1'] == dict(weight=4, input=None)  # block entry layer
+    assert ckpt['bits']['backbone.layer2.0.conv2'] == dict(weight=4, input=4)
+    # block input quantizers: one per BasicBlock
+    assert sorted(ckpt['block_inputs']) == sorted(f'backbone.layer{i}.{j}' for i in range(1, 5) for j in range(2))
+    assert all(ckpt['bits'][b] == dict(input=4) for b in ckpt['block_inputs'])
+    # nothing of the quantizers leaks into the float state; BN was folded
+    assert not any('quantizer' in k for k in ckpt['float_state'])
+    assert not any(k.endswith(('.weight', '.bias')) for k in ckpt['float_state'])
+
+
+def test_unpacked_checkpoint_loads_the_same(qmodel, x, tmp_path):
+    packed = to_integer_checkpoint(qmodel, QCFG, pack=True)
+    plain = to_integer_checkpoint(qmodel, QCFG, pack=False)
+    entry = plain['layers']['backbone.layer1.0.conv1']['weight']
+    assert entry['packing'] is None and entry['codes'].dtype == torch.uint8
+    assert int(entry['codes'].max()) <= 15
+    p_path, u_path = tmp_path / 'packed.pth', tmp_path / 'plain.pth'
+    torch.save(packed, p_path)
+    torch.save(plain, u_path)
+    assert p_path.stat().st_size < 0.6 * u_path.stat().st_size
+    loaded = load_integer_checkpoint(_build(seed=2), plain)  # a dict works too
+    assert torch.equal(_tensor(loaded, x), _tensor(qmodel, x))
+
+
+@pytest.mark.parametrize('n', [1, 7, 8, 33])
+def test_nibble_packing_round_trip(n):
+    g = torch.Generator().manual_seed(n)
+    for qmin in (0, -8):
+        codes = torch.randint(qmin, qmin + 16, (n, ), generator=g)
+        packed = pack_nibbles(codes, qmin)
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+        assert torch.equal(unpack_nibbles(packed, qmin, [n]), codes.to(torch.int32))
+    # layout: element 2i in the low nibble
+    assert pack_nibbles(torch.tensor([1, 2, 3]), 0).tolist() == [0x21, 0x03]
+    with pytest.raises(ValueError, match='16 levels'):
+        pack_nibbles(torch.tensor([0, 16]), 0)
+
+
+def test_disabled_activation_quantizer_survives(x):
+    model = _quantized(seed=1)
+    block_q = model.backbone.layer3[1].input_quantizer
+    block_q.enabled = False
+    ref = _tensor(model, x)
+    loaded = load_integer_checkpoint(_build(seed=4), to_integer_checkpoint(model, QCFG))
+    assert loaded.backbone.layer3[1].input_quantizer.enabled is False
+    assert torch.equal(_tensor(loaded, x), ref)
+
+
+def test_errors(qmodel, int_ckpt, tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_integer_checkpoint(_build(), str(tmp_path / 'missing.pth'))
+    fake = save_quantized(qmodel, str(tmp_path / 'fakequant.pth'), QCFG)
+    with pytest.raises(ValueError, match='not an mmbrecq integer checkpoint'):
+        load_integer_checkpoint(_build(), fake)
+    with pytest.raises(ValueError, match='bit'):  # swapped with other bits than saved
+        load_integer_checkpoint(_build(), int_ckpt, quant_cfg=dict(QCFG, w_bits=3))
+    with pytest.raises(ValueError, match='quant_cfg'):
+        to_integer_checkpoint(qmodel, None)
+    with pytest.raises(ValueError, match='no quantized layer'):
+        to_integer_checkpoint(_build(), QCFG)
+    # mid-reconstruction and uncalibrated models are refused
+    soft = _quantized(seed=2)
+    layer = soft.backbone.layer1[0].conv1
+    layer.weight_quantizer.set_rounding('soft', layer.weight)
+    with pytest.raises(ValueError, match='soft rounding'):
+        to_integer_checkpoint(soft, QCFG)
+    raw = mmbrecq.quantize_model(_build(), QCFG)
+    with pytest.raises(RuntimeError, match='calibrate'):
+        to_integer_checkpoint(raw, QCFG)
+
+
+# ---------------------------------------------------------------------------------------
+# float checkpoint with the quantized weights baked in
+# ---------------------------------------------------------------------------------------
+def _rel_err(out, ref):
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize('with_template', [True, False], ids=['float_model', 'structural'])
+def test_baked_float_checkpoint_loads_into_stock_resnet18(qmodel, x, with_template):
+    set_quant_state(qmodel, weight=True, act=False)
+    try:
+        ref = _tensor(qmodel, x)
+        state = bake_float_checkpoint(qmodel, _build(seed=8) if with_template else None)
+    finally:
+        set_quant_state(qmodel, weight=True, act=True)
+    stock = _build(seed=9)  # other weights and BN statistics: all of them get overwritten
+    assert list(state) == list(stock.state_dict()) or not with_template
+    stock.load_state_dict(state, strict=True)
+    out = _tensor(stock, x)
+    assert _rel_err(out, ref) < 1e-4
+    assert (out - ref).abs().max() < 1e-4 * ref.abs().max()
+    # BN layers are identities that carry the folded bias
+    bn = stock.backbone.layer1[0].bn1
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.running_mean.any()
+    assert torch.equal(bn.bias, qmodel.backbone.layer1[0].conv1.bias.detach())
+    # the conv weights are on the 4-bit grid of their quantizer
+    q = qmodel.backbone.layer1[0].conv1.weight_quantizer
+    w = stock.backbone.layer1[0].conv1.weight
+    assert len(torch.unique(torch.round(w / q.scale.view(-1, 1, 1, 1)))) <= 31
+    # activation quantization really was off in the reference: with it on, results differ
+    assert _rel_err(_tensor(qmodel, x), ref) > 1e-2
+
+
+def test_baked_weights_follow_the_quantizer_state(qmodel):
+    """A disabled weight quantizer bakes the float weight (the quantizer is the truth)."""
+    layer = qmodel.head.fc
+    layer.weight_quantizer.enabled = False
+    try:
+        state = bake_float_checkpoint(qmodel)
+    finally:
+        layer.weight_quantizer.enabled = True
+    assert torch.equal(state['head.fc.weight'], layer.weight.detach())
+    assert not torch.equal(bake_float_checkpoint(qmodel)['head.fc.weight'], layer.weight.detach())
+
+
+def test_baked_checkpoint_mismatch_is_reported(qmodel):
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)).eval()
+    with pytest.raises(ValueError, match='does not match the float model'):
+        bake_float_checkpoint(qmodel, other)
+
+
+def test_quantizers_untouched_by_export(qmodel, x):
+    ref = _tensor(qmodel, x)
+    to_integer_checkpoint(qmodel, QCFG)
+    bake_float_checkpoint(qmodel, _build())
+    assert torch.equal(_tensor(qmodel, x), ref)
+    assert all(q.enabled for q in quantizers_of(qmodel))
