@@ -8,7 +8,8 @@ from .utils import apply_compat
 
 apply_compat()
 
-from . import blocks, datasets, engine, quantizers, reconstruction, registry  # noqa: E402,F401
+from . import (blocks, datasets, engine, export, mixed_precision, quantizers, reconstruction,  # noqa: E402,F401
+               registry)
 from .modules import (QuantConfig, calibrate_activations, find_units, quantize_model,  # noqa: E402
                       set_quant_state)
 from .reconstruction import CalibrationSet, reconstruct  # noqa: E402

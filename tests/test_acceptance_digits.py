@@ -40,7 +40,7 @@ def quantized(model, calib, w, a, recon=None):
     mmbrecq.set_quant_state(q, True, True)
     mmbrecq.calibrate_activations(q, calib.batches[:1], calib.forward)
     if recon is not None:
-        mmbrecq.reconstruct(q, calib, dict(iters=150, progress=False, seed=0, **recon), logger='silent')
+        mmbrecq.reconstruct(q, calib, dict(iters=300, progress=False, seed=0, **recon), logger='silent')
     return q
 
 

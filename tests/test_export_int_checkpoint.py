@@ -191,6 +191,14 @@ def test_disabled_activation_quantizer_survives(x):
     loaded = load_integer_checkpoint(_build(seed=4), to_integer_checkpoint(model, QCFG))
     assert loaded.backbone.layer3[1].input_quantizer.enabled is False
     assert torch.equal(_tensor(loaded, x), ref)
+    # one disabled before calibration (never initialised) is exported as it is
+    model = mmbrecq.quantize_model(_build(seed=1), QCFG)
+    model.backbone.layer2[0].conv2.input_quantizer.enabled = False
+    mmbrecq.calibrate_activations(model, [_images(8, seed=7)], lambda m, b: m(b, mode='tensor'))
+    loaded = load_integer_checkpoint(_build(seed=4), to_integer_checkpoint(model, QCFG))
+    q = loaded.backbone.layer2[0].conv2.input_quantizer
+    assert not q.enabled and not q.initialized
+    assert torch.equal(_tensor(loaded, x), _tensor(model, x))
 
 
 def test_errors(qmodel, int_ckpt, tmp_path):

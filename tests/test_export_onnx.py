@@ -174,8 +174,13 @@ def test_disabled_quantizers_export_no_pair(tmp_path):
 
 
 def test_plain_module_and_errors(tmp_path):
+    torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 5)).eval()
+    with torch.no_grad():  # a non-trivial BN: folded biases off the rounding ties of a zero-bias conv
+        net[1].running_mean.uniform_(-0.2, 0.2)
+        net[1].running_var.uniform_(0.5, 1.5)
+        net[1].bias.uniform_(-0.2, 0.2)
     q = mmbrecq.quantize_model(net, dict(QCFG, keep_8bit=[]))
     x = _images(3, seed=5, size=8)
     with pytest.raises(RuntimeError, match='calibrate'):

@@ -3,6 +3,7 @@ import copy
 
 import torch
 from mmengine.dataset import DefaultSampler
+from mmengine.runner import set_random_seed
 
 from mmbrecq.reconstruction import CalibrationSet
 
@@ -47,6 +48,7 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     loader_cfg['sampler'] = dict(type=DefaultSampler, shuffle=True, seed=c['seed'])
     loader_cfg.pop('batch_sampler', None)
     loader_cfg['persistent_workers'] = False
+    set_random_seed(c['seed'])  # augmentation draws from numpy/random: the same images every run
     loader = runner.build_dataloader(loader_cfg, seed=c['seed'])
     batches, taken = [], 0
     with torch.no_grad():

@@ -15,7 +15,7 @@ strings, lists and dicts (``torch.load(path, weights_only=True)`` reads it)::
     block_inputs   {block name: activation entry}           # quantizers applied to a block's input
     float_state    every other entry of the model's state dict (unquantized layers, ...)
 
-    activation entry: {type, bits, qmin, qmax, scale () float, zero_point () int32, enabled}
+    activation entry: {type, bits, qmin, qmax, scale () float, zero_point () int32, enabled, initialized}
 
 Weight codes are the quantizer's own integers ``q`` in ``[qmin, qmax]`` (no shift), so
 ``w = (q - zero_point[c]) * scale[c]`` along ``ch_axis``. Containers: ``uint8`` for unsigned
@@ -104,12 +104,13 @@ def _plain(obj, key='quant_cfg'):
 
 
 def _act_entry(name, q):
-    require_ready(name, q)
+    if q.enabled:  # a disabled one may never have been calibrated: kept as it is
+        require_ready(name, q)
     if q.ch_axis is not None:
         raise NotImplementedError(f'{name}: per-channel activation quantizers are not exportable')
     return dict(type=type(q).__name__, bits=q.bits, qmin=q.qmin, qmax=q.qmax,
                 scale=q.scale.detach().cpu().clone(), zero_point=q.zero_point.detach().cpu().to(torch.int32),
-                enabled=bool(q.enabled))
+                enabled=bool(q.enabled), initialized=bool(q.initialized))
 
 
 def _weight_entry(name, layer, pack):
@@ -210,6 +211,7 @@ def _fill_act(name, q, entry, device):
     if q is not None:
         _fill_grid(name, q, entry, device)
         q.enabled = entry['enabled']
+        q.initialized = entry['initialized']
 
 
 def _is_layer_param(key, layers):

@@ -20,8 +20,11 @@ quantizes to ``qmin``/``qmax``, as the fake quantizer's clamp does.
 
 Rounding is the same on both sides (``x / s``, round half to even, then ``+ z``), so an
 ONNX runtime reproduces the PyTorch fake-quant model up to the float arithmetic of the
-convolutions themselves (a rare input that lands within an ulp of a rounding boundary
-can move by one step). 16-bit grids do not fit 8-bit QDQ and are refused.
+convolutions themselves: a value within an ulp of a rounding boundary can move by one
+step. That is rare, except in a model whose folded biases are all zero (a freshly
+initialised network, BN at its defaults): its conv outputs are integer multiples of
+``s_in * s_w`` and land *exactly* on ties of the next grid, where the two runtimes'
+summation orders pick different sides. 16-bit grids do not fit 8-bit QDQ and are refused.
 
 Biases stay float, as in the fake-quant model. onnxruntime's graph optimiser
 (``WeightBiasQuantization``, on from ``ORT_ENABLE_BASIC``) rewrites the float bias of a

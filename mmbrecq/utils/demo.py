@@ -30,7 +30,8 @@ def preprocessed_batches(cfg, model, split, num_samples=None, batch_size=64, see
     The train split is shuffled with ``seed`` and keeps its training augmentation (the
     paper's calibration setting); ``num_samples=None`` takes the whole split.
     """
-    from mmengine.runner import Runner
+    from mmengine.runner import Runner, set_random_seed
+    set_random_seed(seed)  # the augmentation draws from numpy/random: same images every run
     loader_cfg = copy.deepcopy(cfg[f'{split}_dataloader'])
     loader_cfg.update(batch_size=batch_size, num_workers=0, persistent_workers=False)
     loader_cfg['sampler'] = dict(type='DefaultSampler', shuffle=split == 'train', seed=seed)
