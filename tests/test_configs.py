@@ -228,3 +228,16 @@ def test_digits_checkpoint_fits_the_demo_model():
     state = ckpt.get('state_dict', ckpt)
     model = copy.deepcopy(_float_model(name, cfg))
     model.load_state_dict(state, strict=True)
+
+
+def test_metafile_lists_every_config():
+    """configs/brecq/metafile.yml (OpenMMLab model index) names each config once, and only
+    measured or paper figures: rows without a figure say so with ``Results: null``."""
+    import yaml
+    meta = yaml.safe_load((CONFIG_DIR / 'metafile.yml').read_text())
+    listed = sorted(m['Config'].split('/')[-1] for m in meta['Models'])
+    assert listed == sorted(p.name for p in CONFIG_DIR.glob('*.py'))
+    for m in meta['Models']:
+        assert (Path(__file__).parents[1] / m['Config']).is_file()
+        for r in m['Results'] or []:
+            assert 0 < r['Metrics']['Top 1 Accuracy'] <= 100
