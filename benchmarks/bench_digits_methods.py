@@ -7,6 +7,8 @@ and one seed; each row is measured in this run.
 
     python benchmarks/bench_digits_methods.py [--settings w4a4 w2a4 w3a3 w2a2]
         [--iters 1000] [--num-samples 512] [--methods nearest layerwise brecq brecq_qdrop]
+    python benchmarks/bench_digits_methods.py --settings w4a4 w2a4 \
+        --methods brecq brecq_mse brecq_fisher_raw brecq_fisher_normalized   # the Fisher weighting
 """
 import argparse
 import copy
@@ -22,7 +24,12 @@ METHODS = {
     'layerwise': dict(granularity='layer', loss='mse'),
     'brecq': dict(),
     'brecq_qdrop': dict(input_mix='qdrop'),
+    # the Fisher weighting, measured (default: the reference's (|g|+1)^2)
+    'brecq_mse': dict(loss='mse'),
+    'brecq_fisher_raw': dict(fisher_weight='raw'),
+    'brecq_fisher_normalized': dict(fisher_weight='normalized'),
 }
+DEFAULT_METHODS = ['nearest', 'layerwise', 'brecq', 'brecq_qdrop']
 
 
 def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits):
@@ -43,7 +50,7 @@ def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits)
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--settings', nargs='+', default=['w4a4', 'w2a4', 'w3a3', 'w2a2'])
-    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS))
+    p.add_argument('--methods', nargs='+', default=DEFAULT_METHODS, choices=list(METHODS))
     p.add_argument('--iters', type=int, default=1000)
     p.add_argument('--num-samples', type=int, default=512)
     p.add_argument('--seed', type=int, default=0)
@@ -62,14 +69,14 @@ def main():
     fp_top1, _ = top1_and_kl(float_model, test_batches, fp_logits)
     print(f'digits test split (360 images), calibration {calib.num_samples} train images, '
           f'{args.iters} iterations per unit, seed {args.seed}')
-    print(f'{"setting":8s} {"method":12s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')
-    print(f'{"float":8s} {"-":12s} {fp_top1:7.2f} {0:10.4f} {0:8.1f}')
+    print(f'{"setting":8s} {"method":24s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')
+    print(f'{"float":8s} {"-":24s} {fp_top1:7.2f} {0:10.4f} {0:8.1f}')
     rows = [dict(setting='float', method='-', top1=fp_top1, kl=0.0, seconds=0.0)]
     for setting in args.settings:
         for method in args.methods:
             r = run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits)
             rows.append(r)
-            print(f'{r["setting"]:8s} {r["method"]:12s} {r["top1"]:7.2f} {r["kl"]:10.4f} {r["seconds"]:8.1f}',
+            print(f'{r["setting"]:8s} {r["method"]:24s} {r["top1"]:7.2f} {r["kl"]:10.4f} {r["seconds"]:8.1f}',
                   flush=True)
     if args.json:
         with open(args.json, 'w') as f:

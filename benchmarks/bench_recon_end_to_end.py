@@ -10,6 +10,9 @@ The Fisher pass is listed apart: by definition it needs the rest of the network
 
     python benchmarks/bench_recon_end_to_end.py [--samples 256] [--iters 100] [--res 224]
         [--loss fisher_diag|mse]
+
+``--samples 1024 --iters 2`` is the paper's calibration size at 224x224: it shows where the
+caches go and the peak memory on the machine at hand.
 """
 import argparse
 import time
@@ -72,6 +75,10 @@ def main():
     opt = sum(r['optim_s'] for r in records)
     print(f'total {total:.1f}s = capture {cap:.1f}s + fisher {fis:.1f}s + optimisation {opt:.1f}s '
           f'(+ {total - cap - fis - opt:.1f}s setup)')
+    import resource
+    print(f'cache placement per unit: {sorted({r["cache"].split(" on ")[-1] for r in records})}; '
+          f'largest unit cache: {max(r["cache"] for r in records)}; peak host memory '
+          f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB')
     chained = [r for r in records if r['chained']]
     if len(chained) >= 2:
         first, last = chained[0], chained[-1]
