@@ -77,7 +77,7 @@ def main():
           f'(+ {total - cap - fis - opt:.1f}s setup)')
     import resource
     print(f'cache placement per unit: {sorted({r["cache"].split(" on ")[-1] for r in records})}; '
-          f'largest unit cache: {max(r["cache"] for r in records)}; peak host memory '
+          f'largest unit cache: {max(float(r["cache"].split()[0]) for r in records):.0f} MiB; peak host memory '
           f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.1f} GiB')
     chained = [r for r in records if r['chained']]
     if len(chained) >= 2:
