@@ -54,7 +54,7 @@ def _load(name):
 
 
 def _base_of(name):
-    m = re.search(r"^_base_ = '(mmpretrain::[^']+)'", (CONFIG_DIR / name).read_text(), re.M)
+    m = re.search(r"^_base_ = \[?'(mmpretrain::[^']+)'", (CONFIG_DIR / name).read_text(), re.M)
     return m and m.group(1)
 
 
