@@ -57,7 +57,7 @@ def main():
     p.add_argument('--json', help='also write the rows to this file')
     args = p.parse_args()
 
-    import mmbrecq
+    import mmbrecq  # noqa: F401  (registers the plugin)
     from mmbrecq.reconstruction import CalibrationSet
     torch.manual_seed(args.seed)
     cfg, float_model = load_float_model()

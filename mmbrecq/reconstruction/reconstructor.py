@@ -130,7 +130,7 @@ class BlockReconstructor:
 
     def _capture(self, qmodel, unit, trace, calib, budget, carry, done_units):
         mix = self.cfg['input_mix']
-        need_q, need_fp = mix in ('quant', 'qdrop'), mix in ('fp', 'qdrop')
+        need_q = mix in ('quant', 'qdrop')  # the float stream is always kept: it gives the targets
         chained = carry is not None and trace.chained
         x_q = self._alloc(budget, calib, trace.in_shapes, 'x_q') if need_q else None
         if chained:
