@@ -6,9 +6,7 @@ random ``alpha`` (so the exported integers are not plain nearest rounding of the
 """
 import pytest
 import torch
-from mmengine.hub import get_config
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmbrecq
 from mmbrecq.engine import save_quantized
@@ -16,6 +14,7 @@ from mmbrecq.export import (bake_float_checkpoint, load_integer_checkpoint, read
                             save_integer_checkpoint, to_integer_checkpoint)
 from mmbrecq.export.int_checkpoint import pack_nibbles, unpack_nibbles
 from mmbrecq.modules import QuantLayerMixin, quantizers_of, set_quant_state
+from _models import build_classifier, images
 
 torch.set_num_threads(1)  # 2-core CI
 
@@ -25,25 +24,11 @@ QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', 
             act_quantizer=dict(type='LSQQuantizer', init='minmax'))
 
 
-def _images(n, seed, size=32):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+_images = images
 
 
-@torch.no_grad()
 def _build(seed=0):
-    """Stock mmpretrain ResNet-18 with random BN statistics/affine, eval mode."""
-    from mmpretrain.registry import MODELS
-    torch.manual_seed(seed)
-    model = MODELS.build(get_config(f'mmpretrain::{RESNET18}').model)
-    g = torch.Generator().manual_seed(seed + 100)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return build_classifier(RESNET18, seed)
 
 
 def _tensor(model, x):

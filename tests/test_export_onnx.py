@@ -7,12 +7,11 @@ with random ``alpha``. Skipped without ``onnx`` / ``onnxruntime``.
 import numpy as np
 import pytest
 import torch
-from mmengine.hub import get_config
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmbrecq
 from mmbrecq.modules import QuantLayerMixin, quantizers_of
+from _models import build_classifier, images
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -27,24 +26,11 @@ QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', 
             act_quantizer=dict(type='LSQQuantizer', init='minmax'))
 
 
-def _images(n, seed, size=32):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+_images = images
 
 
-@torch.no_grad()
 def _build(seed=0):
-    from mmpretrain.registry import MODELS
-    torch.manual_seed(seed)
-    model = MODELS.build(get_config(f'mmpretrain::{RESNET18}').model)
-    g = torch.Generator().manual_seed(seed + 100)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return build_classifier(RESNET18, seed)
 
 
 def _quantized(seed=0):

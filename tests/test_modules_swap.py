@@ -1,7 +1,6 @@
 """quantize_model on real mmpretrain classifiers: units, bits, quantizer placement, modes, state."""
 import pytest
 import torch
-from mmengine.hub import get_config
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -9,6 +8,7 @@ import mmbrecq
 from mmbrecq.modules import (QuantConv2d, QuantLayerMixin, QuantLinear, find_units, quantizers_of,
                              set_quant_state, unit_layers)
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+from _models import build_classifier, images
 
 torch.set_num_threads(1)  # 2-core CI: multithreaded CPU convs are much slower here
 
@@ -26,25 +26,10 @@ def _forward(model, batch):
     return model(batch, mode='tensor')
 
 
-def _images(n, seed, size=32):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+_images = images
 
 
-@torch.no_grad()
-def _build(cfg_name, seed=0):
-    """mmpretrain classifier from the installed config, random BN stats/affine, eval mode."""
-    from mmpretrain.registry import MODELS
-    torch.manual_seed(seed)
-    model = MODELS.build(get_config(f'mmpretrain::{cfg_name}').model)
-    g = torch.Generator().manual_seed(seed + 100)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+_build = build_classifier
 
 
 def _quantized(cfg_name, seed=0, calib=True, **quant_cfg):
