@@ -453,3 +453,12 @@ def test_chained_input_step_is_learned_by_the_previous_unit(act_mode):
     assert not torch.equal(steps[('before', '2')], steps[('after', '2')])   # learned with unit '2'
     assert torch.equal(steps[('before', '3')], steps[('after', '3')])       # fixed in unit '3'
     assert not q3.scale.requires_grad
+
+
+def test_calibration_batches_of_different_sizes_are_a_clear_error():
+    """Caches hold one shape per unit: mixed image sizes name the unit and the batch."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    q = mmbrecq.quantize_model(model.eval(), dict(FAST, w_bits=4, a_bits=4))
+    batches = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 10, 10)]
+    with pytest.raises(ValueError, match=r"unit '0'.*batch 1"):
+        mmbrecq.reconstruct(q, batches, dict(BASE))

@@ -111,10 +111,18 @@ class BlockReconstructor:
         else:
             self._quantized_stream(qmodel, quantized_before)
 
+        def check(cache, t, what, b):
+            if tuple(t.shape[1:]) != cache.shape[1:]:
+                raise ValueError(f'unit {unit.name!r}: its {what} in calibration batch {b} has shape '
+                                 f'{tuple(t.shape[1:])}, batch 0 had {cache.shape[1:]}; calibration '
+                                 'images must share one size (use a fixed-size resize in the pipeline)')
+
         def on_input(b, k, x):
+            check(caches_in[k], x, 'input', b)
             caches_in[k].write(calib.offsets[b], x)
 
         def on_output(b, k, y):
+            check(caches_out[k], y, 'output', b)
             caches_out[k].write(calib.offsets[b], y)
 
         run_capture(qmodel, unit, calib, trace.calls, on_input if caches_in else None,
