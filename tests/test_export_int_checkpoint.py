@@ -14,14 +14,12 @@ from mmbrecq.export import (bake_float_checkpoint, load_integer_checkpoint, read
                             save_integer_checkpoint, to_integer_checkpoint)
 from mmbrecq.export.int_checkpoint import pack_nibbles, unpack_nibbles
 from mmbrecq.modules import QuantLayerMixin, quantizers_of, set_quant_state
-from _models import build_classifier, images
+from _models import FAST_QCFG, build_classifier, images, reconstructed_like_resnet18
 
 torch.set_num_threads(1)  # 2-core CI
 
 RESNET18 = 'resnet/resnet18_8xb32_in1k.py'
-# min-max ranges: the Lp search (the default) is too slow for unit tests on 2 CPU cores
-QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', init='minmax'),
-            act_quantizer=dict(type='LSQQuantizer', init='minmax'))
+QCFG = FAST_QCFG
 
 
 _images = images
@@ -37,17 +35,7 @@ def _tensor(model, x):
 
 
 def _quantized(seed=0, qcfg=QCFG):
-    model = mmbrecq.quantize_model(_build(seed), qcfg)
-    mmbrecq.calibrate_activations(model, [_images(8, seed=7)], lambda m, b: m(b, mode='tensor'))
-    g = torch.Generator().manual_seed(11)
-    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
-    for layer in layers[1::2]:
-        q = layer.weight_quantizer
-        q.set_rounding('soft', layer.weight)
-        with torch.no_grad():
-            q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
-        q.set_rounding('hard')
-    return model
+    return reconstructed_like_resnet18(seed, qcfg)
 
 
 @pytest.fixture(scope='module')

@@ -11,7 +11,7 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.modules import QuantLayerMixin, quantizers_of
-from _models import build_classifier, images
+from _models import FAST_QCFG, build_classifier, images, reconstructed_like_resnet18
 
 onnx = pytest.importorskip('onnx')
 ort = pytest.importorskip('onnxruntime')
@@ -22,8 +22,7 @@ from mmbrecq.export import export_onnx, onnxruntime_session, qdq_export_mode, qd
 torch.set_num_threads(1)  # 2-core CI
 
 RESNET18 = 'resnet/resnet18_8xb32_in1k.py'
-QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', init='minmax'),
-            act_quantizer=dict(type='LSQQuantizer', init='minmax'))
+QCFG = FAST_QCFG
 
 
 _images = images
@@ -34,17 +33,7 @@ def _build(seed=0):
 
 
 def _quantized(seed=0):
-    model = mmbrecq.quantize_model(_build(seed), QCFG)
-    mmbrecq.calibrate_activations(model, [_images(8, seed=7)], lambda m, b: m(b, mode='tensor'))
-    g = torch.Generator().manual_seed(11)
-    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
-    for layer in layers[1::2]:
-        q = layer.weight_quantizer
-        q.set_rounding('soft', layer.weight)
-        with torch.no_grad():
-            q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
-        q.set_rounding('hard')
-    return model
+    return reconstructed_like_resnet18(seed)
 
 
 def _tensor(model, x):

@@ -2,9 +2,8 @@
 carry-forward capture == prefix capture on a real ResNet-18."""
 import pytest
 import torch
-from mmengine.hub import get_config
+from _models import build_classifier
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmbrecq
 from mmbrecq.modules import Unit, find_units, set_quant_state, unit_layers
@@ -307,20 +306,8 @@ def _forward(model, batch):
     return model(batch, mode='tensor')
 
 
-@torch.no_grad()
 def _resnet18():
-    from mmpretrain.registry import MODELS
-    torch.manual_seed(0)
-    model = MODELS.build(get_config('mmpretrain::resnet/resnet18_8xb32_in1k.py').model)
-    g = torch.Generator().manual_seed(100)
-    for m in model.modules():
-        if isinstance(m, _BatchNorm):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return build_classifier('resnet/resnet18_8xb32_in1k.py', seed=0)
 
 
 @torch.no_grad()
@@ -341,7 +328,7 @@ def test_carry_forward_equals_prefix_capture_resnet18():
     calib = CalibrationSet([torch.randn(n, 3, 32, 32, generator=g) for n in (3, 2)], _forward)
     set_quant_state(qmodel, True, True)
     mmbrecq.calibrate_activations(qmodel, calib.batches[:1], _forward)
-    rc = BlockReconstructor(input_mix='quant', progress=False)
+    rc = BlockReconstructor(input_mix='qdrop', progress=False)  # both streams cached
     budget = CacheBudget('cpu', host_gb=1)   # plenty: caches are not freed in this test
     units, traces = probe_units(qmodel, rc.units_of(qmodel), calib)
     chained = [u.name for u in units if traces[u.name].chained]

@@ -462,3 +462,18 @@ def test_calibration_batches_of_different_sizes_are_a_clear_error():
     batches = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 10, 10)]
     with pytest.raises(ValueError, match=r"unit '0'.*batch 1"):
         mmbrecq.reconstruct(q, batches, dict(BASE))
+
+
+@pytest.mark.parametrize('mix,expect_fp', [('quant', False), ('fp', True), ('qdrop', True)])
+def test_float_input_cached_only_when_the_optimisation_reads_it(monkeypatch, mix, expect_fp):
+    """'quant' mode never reads the float input of a non-chained unit: no cache for it."""
+    from mmbrecq.reconstruction.cache import CacheBudget
+    names, allocate = [], CacheBudget.allocate
+
+    def spy(self, shape, dtype=torch.float32, name='cache'):
+        names.append(name)
+        return allocate(self, shape, dtype, name)
+
+    monkeypatch.setattr(CacheBudget, 'allocate', spy)
+    mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse', input_mix=mix))
+    assert any(n.startswith('x_fp') for n in names) == expect_fp

@@ -138,15 +138,15 @@ class BlockReconstructor:
 
     def _capture(self, qmodel, unit, trace, calib, budget, carry, done_units):
         mix = self.cfg['input_mix']
-        need_q = mix in ('quant', 'qdrop')  # the float stream is always kept: it gives the targets
+        need_q, need_fp = mix in ('quant', 'qdrop'), mix in ('fp', 'qdrop')
         chained = carry is not None and trace.chained
         x_q = self._alloc(budget, calib, trace.in_shapes, 'x_q') if need_q else None
         if chained:
             x_fp = carry['y_fp']
             if need_q:
                 self._carry(carry['unit'].module, carry['x_q'], x_q, calib, quantized=True)
-        else:
-            x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp')
+        else:  # the float input is only kept when the optimisation reads it
+            x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp') if need_fp else None
             if need_q:
                 self._prefix_capture(qmodel, unit, trace, calib, x_q, None, done_units)
         y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp')
