@@ -51,7 +51,7 @@ def build_ptq_config(args):
         raise ValueError(f'{args.config} has no quant_cfg section; a PTQ config inherits the float model '
                          "config and adds quant_cfg=dict(w_bits=..., a_bits=...) (see configs/brecq/)")
     from mmbrecq.modules import QuantConfig
-    from mmbrecq.engine.calibration import calib_config
+    from mmbrecq.engine.calibration import calib_config, without_training
     from mmbrecq.reconstruction import recon_config
     qcfg = QuantConfig(cfg.quant_cfg)  # validates every key before anything runs
     calib = calib_config(qcfg['calib'])
@@ -86,10 +86,7 @@ def build_ptq_config(args):
         if name not in present:
             hooks.append(dict(type=f'mmbrecq.{name}'))
     cfg.custom_hooks = hooks
-    # PTQ never trains: drop what would make the runner build optimisers or train loops
-    for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
-        cfg.pop(key, None)
-    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
+    without_training(cfg)
     return cfg
 
 

@@ -29,6 +29,7 @@ def main(argv=None):
     args = parse_args(argv)
     import mmbrecq  # noqa: F401
     from mmbrecq.engine import load_quantized
+    from mmbrecq.engine.calibration import without_training
     for path, what in ((args.config, 'config file'), (args.checkpoint, 'quantized checkpoint')):
         if not osp.isfile(path):
             print(f'error: {what} {path!r} does not exist', file=sys.stderr)
@@ -39,14 +40,11 @@ def main(argv=None):
     cfg.work_dir = args.work_dir or osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0], 'test')
     cfg.launcher = args.launcher
     cfg.load_from, cfg.resume = None, False
-    for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
-        cfg.pop(key, None)
-    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
+    without_training(cfg)
     cfg.test_cfg = dict()
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
     load_quantized(model, args.checkpoint)
-    model.to(next(iter(model.parameters())).device)
     metrics = runner.test()
     print(metrics)
     return 0

@@ -65,3 +65,15 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
         raise ValueError(f"quant_cfg.calib.num_samples={c['num_samples']} but the {c['split']} set "
                          f'has only {taken} samples')
     return CalibrationSet(batches, tensor_forward)
+
+
+def without_training(cfg):
+    """``cfg`` for a runner that never trains or validates (PTQ, evaluation of a quantized model).
+
+    mmengine's Runner wants train dataloader, train loop and optimiser all set or all unset;
+    PTQ reads its calibration loader from ``quant_cfg.calib`` instead.
+    """
+    for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
+        cfg.pop(key, None)
+    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
+    return cfg

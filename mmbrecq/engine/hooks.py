@@ -10,6 +10,7 @@ from mmengine.hooks import Hook
 from mmengine.dist import master_only
 
 from mmbrecq.registry import HOOKS
+from mmbrecq.modules import QuantConfig
 from mmbrecq.reconstruction.plot import plot_losses
 from .quant_checkpoint import save_quantized
 
@@ -28,9 +29,9 @@ class QuantCheckpointHook(Hook):
         qcfg = runner.cfg.quant_cfg
         path = save_quantized(model, osp.join(runner.work_dir, self.filename), qcfg,
                               extra_meta=dict(config=osp.basename(runner.cfg.filename or '')))
-        summary = dict(
-            config=runner.cfg.filename, w_bits=qcfg.get('w_bits', 4), a_bits=qcfg.get('a_bits', 4),
-            keep_8bit=qcfg.get('keep_8bit', ['first', 'last']), checkpoint=path, **results)
+        parsed = QuantConfig(qcfg)  # the defaults live in one place
+        summary = dict(config=runner.cfg.filename, w_bits=parsed.w_bits, a_bits=parsed.a_bits,
+                       keep_8bit=parsed.keep_8bit, checkpoint=path, **results)
         with open(osp.join(runner.work_dir, self.summary), 'w') as f:
             json.dump(summary, f, indent=2, default=str)
         runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')
