@@ -47,3 +47,52 @@ def reconstructed_like_resnet18(seed=0, qcfg=FAST_QCFG):
             q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
         q.set_rounding('hard')
     return model
+
+
+def shrink_detector_cfg(model_cfg, width=8):
+    """A CPU-sized version of an mmdet detector config: ResNet-18 backbone ``width`` channels
+    wide, narrow FPN and heads, few proposals; same code paths as the full model."""
+    model_cfg.backbone.update(depth=18, base_channels=width, init_cfg=None)
+    model_cfg.neck.update(in_channels=[width * 2**i for i in range(4)], out_channels=2 * width)
+    if 'rpn_head' in model_cfg:  # two-stage
+        model_cfg.rpn_head.update(in_channels=2 * width, feat_channels=2 * width)
+        rcnn = model_cfg.roi_head
+        rcnn.bbox_roi_extractor.out_channels = 2 * width
+        rcnn.bbox_head.update(in_channels=2 * width, fc_out_channels=4 * width)
+        model_cfg.train_cfg.rpn_proposal.update(nms_pre=200, max_per_img=50)
+        model_cfg.train_cfg.rcnn.sampler.num = 32
+        model_cfg.test_cfg.rpn.update(nms_pre=200, max_per_img=50)
+        model_cfg.test_cfg.rcnn.score_thr = 0.
+    else:
+        model_cfg.bbox_head.update(in_channels=2 * width, feat_channels=2 * width, stacked_convs=2)
+        model_cfg.test_cfg.score_thr = 0.
+    return model_cfg
+
+
+@torch.no_grad()
+def build_detector(name='retinanet', seed=0, width=8):
+    """A small random mmdet Faster R-CNN (``'faster_rcnn'``) or RetinaNet, in eval mode."""
+    import mmdet.utils
+    from mmdet.registry import MODELS
+    from mmengine.registry import DefaultScope
+    mmdet.utils.register_all_modules(init_default_scope=False)
+    path = {'faster_rcnn': 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py',
+            'retinanet': 'retinanet/retinanet_r50_fpn_1x_coco.py'}[name]
+    cfg = shrink_detector_cfg(get_config(f'mmdet::{path}').model, width)
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        model = MODELS.build(cfg)
+    return model.eval()
+
+
+def detection_batches(model, n_batches=2, batch=2, size=64, seed=0):
+    """Preprocessed random-image batches with image metadata (no annotations needed)."""
+    from mmdet.structures import DetDataSample
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        imgs = [torch.randint(0, 256, (3, size, size), generator=g).to(torch.uint8) for _ in range(batch)]
+        samples = [DetDataSample(metainfo=dict(img_shape=(size, size), ori_shape=(size, size),
+                                               scale_factor=(1., 1.))) for _ in range(batch)]
+        out.append(model.data_preprocessor(dict(inputs=imgs, data_samples=samples), False))
+    return out

@@ -177,3 +177,25 @@ def test_describe_mentions_size_and_place(tmp_path):
     text = cache.describe()
     assert text.startswith('fisher0[262144]') and '1.0 MiB' in text and 'host' in text
     cache.free()
+
+
+# ---------------------------------------------------------------------------------------
+# rows per sample (a two-stage detector's RoI head: images x proposals rows)
+# ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize('where', PLACEMENTS)
+def test_rows_keep_each_samples_rows_together(where, tmp_path):
+    budget = _budget(where, tmp_path)
+    rows = 3
+    cache = budget.allocate((5, 4), name='roi', rows=rows)      # 5 images, 3 RoIs each, 4 features
+    assert cache.shape == (5, 3, 4) and cache.row_shape == (4, ) and len(cache) == 5
+    assert cache.nbytes == 5 * 3 * 4 * 4
+    x = _data((15, 4), seed=3)                                  # what the unit sees: 15 rows
+    cache.write(0, x[:6])                                       # batch of 2 images
+    cache.write(2, x[6:])                                       # batch of 3 images
+    assert torch.equal(cache.read(0, 5).cpu(), x)
+    assert torch.equal(cache.read(1, 3).cpu(), x[3:9])
+    idx = torch.tensor([4, 0])
+    expect = torch.cat([x[12:15], x[0:3]])
+    assert torch.equal(cache.gather(idx).cpu(), expect)
+    cache.free()
+    assert budget.used == {'device': 0, 'host': 0, 'disk': 0}

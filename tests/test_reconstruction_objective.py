@@ -126,12 +126,13 @@ def test_recon_config_defaults_and_merge():
 
 def test_recon_config_does_not_share_state_with_defaults_or_input():
     before = copy.deepcopy(DEFAULT_RECON)
-    user = dict(cache=dict(host_gb=1))
+    user = dict(cache=dict(host_gb=1), task_loss=dict(type='ClassificationKL'))
     cfg = recon_config(user)
     cfg['task_loss']['type'] = 'Changed'
     cfg['cache']['host_gb'] = 99
+    cfg['b_range'] = (1, 1)
     assert DEFAULT_RECON == before
-    assert user == dict(cache=dict(host_gb=1))
+    assert user == dict(cache=dict(host_gb=1), task_loss=dict(type='ClassificationKL'))
 
 
 def test_recon_config_unknown_key_is_named():

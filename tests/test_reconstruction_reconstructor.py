@@ -470,9 +470,9 @@ def test_float_input_cached_only_when_the_optimisation_reads_it(monkeypatch, mix
     from mmbrecq.reconstruction.cache import CacheBudget
     names, allocate = [], CacheBudget.allocate
 
-    def spy(self, shape, dtype=torch.float32, name='cache'):
+    def spy(self, shape, dtype=torch.float32, name='cache', rows=1):
         names.append(name)
-        return allocate(self, shape, dtype, name)
+        return allocate(self, shape, dtype, name, rows)
 
     monkeypatch.setattr(CacheBudget, 'allocate', spy)
     mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse', input_mix=mix))

@@ -6,8 +6,17 @@ from mmengine.dataset import DefaultSampler
 from mmengine.runner import set_random_seed
 
 from mmbrecq.reconstruction import CalibrationSet
+from .detection import attach_proposals, detection_forward, is_detector, is_two_stage
 
-DEFAULT_CALIB = dict(num_samples=1024, batch_size=32, split='train', dataloader=None, seed=0)
+DEFAULT_CALIB = dict(
+    num_samples=1024,
+    batch_size=32,
+    split='train',
+    dataloader=None,
+    seed=0,
+    pad_to='max',       # 'max' (largest calibration image), (H, W), or None (sizes must already match)
+    num_proposals=256,  # two-stage detectors: fixed float-model proposals per image
+)
 
 
 def calib_config(cfg):
@@ -18,10 +27,43 @@ def calib_config(cfg):
     merged = dict(DEFAULT_CALIB, **cfg)
     if merged['split'] not in ('train', 'val', 'test'):
         raise ValueError(f"quant_cfg.calib.split={merged['split']!r}: expected 'train', 'val' or 'test'")
-    for key in ('num_samples', 'batch_size'):
+    for key in ('num_samples', 'batch_size', 'num_proposals'):
         if not isinstance(merged[key], int) or merged[key] < 1:
             raise ValueError(f'quant_cfg.calib.{key} must be a positive integer, got {merged[key]!r}')
+    pad = merged['pad_to']
+    if not (pad is None or pad == 'max' or (isinstance(pad, (list, tuple)) and len(pad) == 2 and all(
+            isinstance(v, int) and v > 0 for v in pad))):
+        raise ValueError(f"quant_cfg.calib.pad_to={pad!r}: expected 'max', (height, width) or None")
     return merged
+
+
+def pad_batches(batches, pad_to='max', pad_value=0.):
+    """Pad every batch's images (bottom/right, like mmdet's preprocessor) to one size.
+
+    Reconstruction caches stack all calibration samples, so they must share one shape;
+    detection pipelines keep the aspect ratio and give batches of different sizes.
+    ``pad_to='max'`` pads to the largest calibration image; ``(H, W)`` to a fixed size.
+    """
+    if pad_to is None:
+        return batches
+    sizes = [tuple(b['inputs'].shape[-2:]) for b in batches]
+    if pad_to == 'max':
+        target = (max(h for h, _ in sizes), max(w for _, w in sizes))
+    else:
+        target = tuple(pad_to)
+        too_big = [s for s in sizes if s[0] > target[0] or s[1] > target[1]]
+        if too_big:
+            raise ValueError(f'quant_cfg.calib.pad_to={target}: calibration batches of size {too_big[0]} do '
+                             'not fit; use a larger size or \'max\'')
+    for b in batches:
+        h, w = b['inputs'].shape[-2:]
+        if (h, w) == target:
+            continue
+        b['inputs'] = torch.nn.functional.pad(b['inputs'], (0, target[1] - w, 0, target[0] - h), value=pad_value)
+        for s in b['data_samples'] or []:
+            if hasattr(s, 'set_metainfo') and 'batch_input_shape' in s.metainfo:
+                s.set_metainfo(dict(batch_input_shape=target, pad_shape=target))
+    return batches
 
 
 def tensor_forward(model, batch):
@@ -64,7 +106,12 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     if taken < c['num_samples']:
         raise ValueError(f"quant_cfg.calib.num_samples={c['num_samples']} but the {c['split']} set "
                          f'has only {taken} samples')
-    return CalibrationSet(batches, tensor_forward)
+    pad_batches(batches, c['pad_to'], float(getattr(model.data_preprocessor, 'pad_value', 0)))
+    if not is_detector(model):
+        return CalibrationSet(batches, tensor_forward)
+    if is_two_stage(model):
+        attach_proposals(model, batches, c['num_proposals'])
+    return CalibrationSet(batches, detection_forward, task_loss=dict(type='DetectionDivergence'))
 
 
 def without_training(cfg):

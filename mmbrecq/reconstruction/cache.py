@@ -54,10 +54,14 @@ class CacheBudget:
             return 'host'
         return 'disk'
 
-    def allocate(self, shape, dtype=torch.float32, name='cache'):
+    def allocate(self, shape, dtype=torch.float32, name='cache', rows=1):
+        """A cache of ``shape = (N, *row_shape)``; ``rows > 1`` groups that many rows per
+        sample (see :class:`SampleCache`)."""
+        if rows > 1:
+            shape = (shape[0], rows) + tuple(shape[1:])
         nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         where = self.place(nbytes)
-        cache = SampleCache(shape, dtype, where, self, name)
+        cache = SampleCache(shape, dtype, where, self, name, rows)
         self.used[where] += nbytes
         self.live.append(cache)
         return cache
@@ -73,10 +77,18 @@ class CacheBudget:
 
 
 class SampleCache:
-    """A ``(N, *shape)`` buffer filled chunk by chunk and read back in random batches."""
+    """A ``(N, *shape)`` buffer filled chunk by chunk and read back in random batches.
 
-    def __init__(self, shape, dtype, where, budget: CacheBudget, name):
+    With ``rows > 1`` every sample owns ``rows`` consecutive rows of what the unit sees
+    (a two-stage detector's RoI head runs on ``images x proposals`` rows): the buffer is
+    ``(N, rows, *row_shape)``, writes take and reads give ``(n * rows, *row_shape)``, and
+    random batches draw whole samples, so an image's proposals stay together.
+    """
+
+    def __init__(self, shape, dtype, where, budget: CacheBudget, name, rows=1):
         self.shape, self.dtype, self.where, self.budget, self.name = tuple(shape), dtype, where, budget, name
+        self.rows = rows
+        self.row_shape = self.shape[2:] if rows > 1 else self.shape[1:]
         self.nbytes = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
         self._file = None
         if where == 'device':
@@ -93,18 +105,25 @@ class SampleCache:
     def __len__(self):
         return self.shape[0]
 
+    def _grouped(self, chunk):
+        return chunk.reshape((-1, self.rows) + tuple(chunk.shape[1:])) if self.rows > 1 else chunk
+
+    def _flat(self, t):
+        return t.flatten(0, 1) if self.rows > 1 else t
+
     def write(self, start, chunk: torch.Tensor):
-        self.data[start:start + chunk.shape[0]].copy_(chunk.detach(), non_blocking=self.where == 'host')
+        chunk = self._grouped(chunk.detach())
+        self.data[start:start + chunk.shape[0]].copy_(chunk, non_blocking=self.where == 'host')
 
     def read(self, start, stop) -> torch.Tensor:
-        """A contiguous slice, on the compute device."""
-        return self.data[start:stop].to(self.budget.device, non_blocking=True)
+        """A contiguous slice of samples, on the compute device."""
+        return self._flat(self.data[start:stop].to(self.budget.device, non_blocking=True))
 
     def gather(self, index: torch.Tensor) -> torch.Tensor:
-        """Rows ``index`` (a tensor on the cache's own device), on the compute device."""
+        """Samples ``index`` (a tensor on the cache's own device), on the compute device."""
         if self.where == 'device':
-            return self.data.index_select(0, index.to(self.data.device))
-        return self.data.index_select(0, index.cpu()).to(self.budget.device, non_blocking=True)
+            return self._flat(self.data.index_select(0, index.to(self.data.device)))
+        return self._flat(self.data.index_select(0, index.cpu()).to(self.budget.device, non_blocking=True))
 
     def free(self):
         if self.data is None:

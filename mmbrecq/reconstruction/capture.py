@@ -42,10 +42,14 @@ class CalibrationSet:
         forward: ``forward(model, batch) -> output`` in the model's raw-tensor mode
             (default: ``model(batch)``; the PTQ loop passes mmengine's
             ``model(**batch, mode='tensor')``).
+        task_loss: the ``TASK_LOSSES`` config whose gradient gives the Fisher weights when
+            ``quant_cfg.recon.task_loss`` is not set: it must understand what ``forward``
+            returns (default: ``ClassificationKL`` on logits).
     """
 
-    def __init__(self, batches, forward=None):
+    def __init__(self, batches, forward=None, task_loss=None):
         self.batches = list(batches)
+        self.task_loss = dict(task_loss or dict(type='ClassificationKL'))
         if not self.batches:
             raise ValueError('the calibration set is empty')
         self.forward = forward or (lambda model, batch: model(batch))
@@ -74,11 +78,22 @@ class UnitTrace:
     order: int = -1
     in_shapes: list = field(default_factory=list)   # per call, without the batch dim
     out_shapes: list = field(default_factory=list)
+    in_rows: list = field(default_factory=list)     # per call, rows per sample (RoI heads: proposals)
+    out_rows: list = field(default_factory=list)
     chained: bool = False                           # input of every call = previous unit's output
 
     @property
     def calls(self):
         return len(self.in_shapes)
+
+
+def _rows_per_sample(t, n, unit_name, what):
+    """A unit sees ``n`` samples, or ``n x rows`` rows (a RoI head: ``rows`` proposals per image)."""
+    if t.dim() == 0 or t.shape[0] % n:
+        raise ValueError(f'unit {unit_name!r}: its {what} has {t.shape[0] if t.dim() else 0} rows for a '
+                         f'batch of {n} samples; a unit must see a fixed number of rows per sample '
+                         '(two-stage detectors: fixed proposals per image, see quant_cfg.calib.num_proposals)')
+    return t.shape[0] // n
 
 
 @torch.no_grad()
@@ -115,11 +130,14 @@ def probe_units(model, units, calib: CalibrationSet):
     if never:
         raise RuntimeError(f'units never executed by a forward pass: {never}; skip them in '
                            'quant_cfg.skip or check the model')
+    n = batch_size(calib.batches[0])
     for i, name in enumerate(order):
         t = traces[name]
         t.order = i
         t.in_shapes = [tuple(x.shape[1:]) for x in ins[name]]
         t.out_shapes = [tuple(y.shape[1:]) for y in outs[name]]
+        t.in_rows = [_rows_per_sample(x, n, name, 'input') for x in ins[name]]
+        t.out_rows = [_rows_per_sample(y, n, name, 'output') for y in outs[name]]
         if i > 0:
             # the same tensor object *and* unchanged values: an in-place op between the two
             # units (ReLU(inplace=True) after a conv unit) breaks the chain

@@ -15,7 +15,7 @@ DEFAULT_RECON = dict(
     act_iters=None,            # two_stage: iterations of the step stage (default: iters)
     loss='fisher_diag',        # 'fisher_diag' | 'mse'
     fisher_weight='abs_plus_one',  # (|g|+1)^2 as the reference; 'normalized' | 'raw' (see README)
-    task_loss=dict(type='ClassificationKL'),
+    task_loss=None,            # TASK_LOSSES config; None: the calibration set's (classifier KL / detector divergence)
     input_mix='quant',         # unit input from 'quant' model, 'fp' model, or 'qdrop' mix
     qdrop_prob=0.5,            # qdrop: probability of keeping the quantized value
     on_nan='fail',             # non-finite loss: 'fail' the run | fall back to 'nearest'

@@ -78,7 +78,16 @@ class BlockReconstructor:
         cfg.pop('type', None)
         self.cfg = recon_config(cfg)
         self._orphans = []  # quantizers outside every unit; set per run
-        self.task_loss = build_from(TASK_LOSSES, self.cfg['task_loss']) if self.cfg['loss'] == 'fisher_diag' else None
+        self.task_loss = None  # built per run: its default comes from the calibration set
+
+    def _build_task_loss(self, calib):
+        if self.cfg['loss'] != 'fisher_diag':
+            return None
+        cfg = self.cfg['task_loss'] or calib.task_loss
+        if TASK_LOSSES.get(cfg.get('type')) is None:
+            raise ValueError(f'quant_cfg.recon.task_loss.type={cfg.get("type")!r} is not a registered task '
+                             f'loss; registered: {sorted(TASK_LOSSES.module_dict)}')
+        return build_from(TASK_LOSSES, cfg)
 
     # -- units ---------------------------------------------------------------------------
     def units_of(self, qmodel):
@@ -101,8 +110,9 @@ class BlockReconstructor:
             set_quant_state(u.module, True, True)
 
     # -- capture -------------------------------------------------------------------------
-    def _alloc(self, budget, calib, shapes, name):
-        return [budget.allocate((calib.num_samples, ) + s, name=f'{name}{k}') for k, s in enumerate(shapes)]
+    def _alloc(self, budget, calib, shapes, name, rows):
+        return [budget.allocate((calib.num_samples, ) + s, name=f'{name}{k}', rows=r)
+                for k, (s, r) in enumerate(zip(shapes, rows))]
 
     def _prefix_capture(self, qmodel, unit, trace, calib, caches_in, caches_out, quantized_before):
         """Fill caches from a model run stopped at the unit (float, or with earlier units quantized)."""
@@ -112,10 +122,12 @@ class BlockReconstructor:
             self._quantized_stream(qmodel, quantized_before)
 
         def check(cache, t, what, b):
-            if tuple(t.shape[1:]) != cache.shape[1:]:
+            rows = calib.sizes[b] * cache.rows
+            if tuple(t.shape[1:]) != cache.row_shape or t.shape[0] != rows:
                 raise ValueError(f'unit {unit.name!r}: its {what} in calibration batch {b} has shape '
-                                 f'{tuple(t.shape[1:])}, batch 0 had {cache.shape[1:]}; calibration '
-                                 'images must share one size (use a fixed-size resize in the pipeline)')
+                                 f'{tuple(t.shape)}, expected {(rows, ) + cache.row_shape} as in batch 0; '
+                                 'calibration images must share one size (quant_cfg.calib.pad_to) and '
+                                 'two-stage detectors one number of proposals per image')
 
         def on_input(b, k, x):
             check(caches_in[k], x, 'input', b)
@@ -140,16 +152,16 @@ class BlockReconstructor:
         mix = self.cfg['input_mix']
         need_q, need_fp = mix in ('quant', 'qdrop'), mix in ('fp', 'qdrop')
         chained = carry is not None and trace.chained
-        x_q = self._alloc(budget, calib, trace.in_shapes, 'x_q') if need_q else None
+        x_q = self._alloc(budget, calib, trace.in_shapes, 'x_q', trace.in_rows) if need_q else None
         if chained:
             x_fp = carry['y_fp']
             if need_q:
                 self._carry(carry['unit'].module, carry['x_q'], x_q, calib, quantized=True)
         else:  # the float input is only kept when the optimisation reads it
-            x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp') if need_fp else None
+            x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp', trace.in_rows) if need_fp else None
             if need_q:
                 self._prefix_capture(qmodel, unit, trace, calib, x_q, None, done_units)
-        y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp')
+        y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp', trace.out_rows)
         if chained:
             self._carry(unit.module, x_fp, y_fp, calib, quantized=False)
         else:
@@ -160,7 +172,7 @@ class BlockReconstructor:
     def _fisher(self, qmodel, unit, trace, calib, budget, fp_outputs, done_units):
         """Gradient of the task loss w.r.t. the unit's output, model quantized up to the unit."""
         self._quantized_stream(qmodel, done_units + [unit])
-        grads = self._alloc(budget, calib, trace.out_shapes, 'fisher')
+        grads = self._alloc(budget, calib, trace.out_shapes, 'fisher', trace.out_rows)
         device = budget.device
         for b, batch in enumerate(calib.batches):
             leaves = []
@@ -189,6 +201,17 @@ class BlockReconstructor:
             for s, e in calib.chunks():
                 cache.write(s, fisher_weight(cache.read(s, e), mode, mean_sq))
         return grads
+
+    def float_targets(self, qmodel, unit, trace, calib, budget, fp_outputs, done_units):
+        """``(x_fp, y_fp, fisher)``: the unit's float input and output caches and its Fisher
+        weights (model quantized up to the unit), as reconstruction computes them; the
+        caller frees them. The mixed-precision sensitivity measures every unit this way."""
+        if self.task_loss is None:
+            self.task_loss = self._build_task_loss(calib)
+        x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp', trace.in_rows)
+        y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp', trace.out_rows)
+        self._prefix_capture(qmodel, unit, trace, calib, x_fp, y_fp, None)
+        return x_fp, y_fp, self._fisher(qmodel, unit, trace, calib, budget, fp_outputs, done_units)
 
     # -- state ----------------------------------------------------------------------------
     def _save_state(self, qmodel, work_dir, done, records):
@@ -221,6 +244,7 @@ class BlockReconstructor:
         if work_dir:
             os.makedirs(work_dir, exist_ok=True)
         budget = CacheBudget(device, **{'disk_dir': work_dir, **cfg['cache']})
+        self.task_loss = self._build_task_loss(calib)
         units, traces = probe_units(qmodel, self.units_of(qmodel), calib)
         in_units = {id(q) for u in units for q in quantizers_of(u.module)}
         self._orphans = [q for q in quantizers_of(qmodel) if id(q) not in in_units]
