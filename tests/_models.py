@@ -15,7 +15,14 @@ def build_classifier(cfg_name='resnet/resnet18_8xb32_in1k.py', seed=0):
     from mmpretrain.registry import MODELS
     torch.manual_seed(seed)
     model = MODELS.build(get_config(f'mmpretrain::{cfg_name}').model)
-    g = torch.Generator().manual_seed(seed + 100)
+    return randomize_bn(model, seed + 100).eval()
+
+
+@torch.no_grad()
+def randomize_bn(model, seed):
+    """Random BN statistics and affine parameters: folded biases are then not all zero (with
+    BN at its defaults, conv outputs land exactly on rounding ties of the next grid)."""
+    g = torch.Generator().manual_seed(seed)
     for m in model.modules():
         if isinstance(m, _BatchNorm):
             n = m.num_features
@@ -23,7 +30,7 @@ def build_classifier(cfg_name='resnet/resnet18_8xb32_in1k.py', seed=0):
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
             m.weight.copy_(torch.rand(n, generator=g) + 0.5)
             m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
+    return model
 
 
 #: min-max ranges: the Lp search (the default) is too slow for unit tests on 2 CPU cores
@@ -71,7 +78,7 @@ def shrink_detector_cfg(model_cfg, width=8):
 
 @torch.no_grad()
 def build_detector(name='retinanet', seed=0, width=8):
-    """A small random mmdet Faster R-CNN (``'faster_rcnn'``) or RetinaNet, in eval mode."""
+    """A small random mmdet Faster R-CNN (``'faster_rcnn'``) or RetinaNet (random BN), in eval mode."""
     import mmdet.utils
     from mmdet.registry import MODELS
     from mmengine.registry import DefaultScope
@@ -82,7 +89,7 @@ def build_detector(name='retinanet', seed=0, width=8):
     torch.manual_seed(seed)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = MODELS.build(cfg)
-    return model.eval()
+    return randomize_bn(model, seed + 100).eval()
 
 
 def detection_batches(model, n_batches=2, batch=2, size=64, seed=0):

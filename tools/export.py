@@ -41,13 +41,16 @@ def parse_args(argv=None):
 
 
 def build_model(cfg):
-    """The float model of ``cfg`` (mmpretrain registry, the config's custom imports and scope)."""
-    from mmengine.registry import init_default_scope
+    """The float model of ``cfg`` (classifier or detector: the registry of the config's
+    ``default_scope``, which mmengine's root registry switches to; custom imports applied)."""
+    from mmengine.registry import MODELS, init_default_scope
     from mmengine.utils import import_modules_from_strings
     if cfg.get('custom_imports'):
         import_modules_from_strings(**cfg.custom_imports)
-    init_default_scope(cfg.get('default_scope', 'mmpretrain'))
-    from mmpretrain.registry import MODELS
+    scope = cfg.get('default_scope', 'mmpretrain')
+    init_default_scope(scope)
+    if scope == 'mmdet':  # mmdet registers its modules on import of mmdet.models
+        import mmdet.models  # noqa: F401
     return MODELS.build(cfg.model).eval()
 
 

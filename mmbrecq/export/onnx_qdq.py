@@ -114,9 +114,11 @@ def _act_spec(name, q):
     clip = None
     if (q.qmin, q.qmax) != full:
         clip = (((q.qmin - z) * s).to(torch.float32).cpu(), ((q.qmax - z) * s).to(torch.float32).cpu())
-    # copies, not the quantizer's parameters: the tracer fails on parameters read inside a
-    # Function's forward (they are no input of the node)
-    eager = functools.partial(_fake_quant, s.clone(), z.clone(), q.qmin, q.qmax)
+    # Python numbers, not the quantizer's tensors: the tracer fails on tensors read inside a
+    # Function's forward that are no input of the node (parameters, and even detached copies
+    # once the quantizer runs twice, e.g. a detector head shared by the pyramid levels).
+    # float32 -> float -> float32 is exact, so the values are those of the quantizer.
+    eager = functools.partial(_fake_quant, float(s), float(z), q.qmin, q.qmax)
     return QDQSpec(name, s, z.round().to(dtype), clip=clip, eager=eager)
 
 
