@@ -32,6 +32,9 @@ CONFIG_DIR = ROOT / 'configs' / 'brecq'
 DETECTION_PREFIXES = ('faster-rcnn_', 'retinanet_', 'digits_det_')
 FILES = sorted(p.name for p in CONFIG_DIR.glob('*.py') if not p.name.startswith(DETECTION_PREFIXES))
 NAME_RE = re.compile(r'^(?P<family>.+)_w(?P<w>\d+)a(?P<a>\d+)\.py$')
+#: mixed precision: <family>_mp_w<W>size_a<A>.py, budget = the size of uniform W<W> weights
+MP_RE = re.compile(r'^(?P<family>.+)_mp_w(?P<w>\d+)size_a(?P<a>\d+)\.py$')
+MP_CONFIGS = {'digits_demo_mp_w3size_a4.py', 'resnet18_mp_w4size_a4.py'}
 MODEL_ZOO = ('resnet18', 'resnet50', 'mobilenet-v2', 'regnetx-400mf', 'regnetx-600mf')
 BITS = ('w4a32', 'w3a32', 'w2a32', 'w4a4', 'w2a4')
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'  # tools/train_digits.py --out default
@@ -42,8 +45,8 @@ FAST = dict(weight_quantizer=dict(type='AdaRoundQuantizer', init='minmax'),
 
 
 def _family(name):
-    m = NAME_RE.match(name)
-    assert m, f'{name}: config names are <family>_w<W>a<A>.py'
+    m = MP_RE.match(name) or NAME_RE.match(name)
+    assert m, f'{name}: config names are <family>_w<W>a<A>.py (or <family>_mp_w<W>size_a<A>.py)'
     return m['family'], int(m['w']), int(m['a'])
 
 
@@ -66,6 +69,7 @@ def _base_of(name):
 def test_model_zoo_is_complete():
     expected = {f'{fam}_{bits}.py' for fam in MODEL_ZOO for bits in BITS}
     expected |= {'digits_demo_w4a4.py', 'digits_demo_w2a4.py'}
+    expected |= MP_CONFIGS
     assert set(FILES) == expected
 
 
@@ -94,6 +98,11 @@ def test_config_loads_with_valid_quant_cfg(name):
     assert calib['split'] == 'train' and cfg.get('train_dataloader') is not None
     assert cfg.get('test_dataloader') is not None and cfg.get('test_evaluator') is not None
 
+    if name in MP_CONFIGS:  # searched bits under the size of uniform W<w>, first/last fixed
+        mp = qcfg['mixed_precision']
+        assert mp['budget'] == dict(size_mb=f'uniform_w{w}') and tuple(mp['candidates']) == (2, 4, 8)
+    else:
+        assert qcfg['mixed_precision'] is None
     if not name.startswith('digits_demo'):  # the paper's recipe, as the comments claim
         assert calib['num_samples'] == 1024 and calib['batch_size'] == 32
         assert recon['iters'] == 20000 and recon['batch_size'] == 32

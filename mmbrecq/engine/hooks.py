@@ -30,7 +30,8 @@ class QuantCheckpointHook(Hook):
         path = save_quantized(model, osp.join(runner.work_dir, self.filename), qcfg,
                               extra_meta=dict(config=osp.basename(runner.cfg.filename or '')))
         parsed = QuantConfig(qcfg)  # the defaults live in one place
-        summary = dict(config=runner.cfg.filename, w_bits=parsed.w_bits, a_bits=parsed.a_bits,
+        w_bits = 'mixed' if results.get('mixed_precision') else parsed.w_bits  # bit map: results['mixed_precision']
+        summary = dict(config=runner.cfg.filename, w_bits=w_bits, a_bits=parsed.a_bits,
                        keep_8bit=parsed.keep_8bit, checkpoint=path, **results)
         with open(osp.join(runner.work_dir, self.summary), 'w') as f:
             json.dump(summary, f, indent=2, default=str)

@@ -19,6 +19,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 
 from mmbrecq.modules import QuantConfig, calibrate_activations, quantize_model, set_quant_state
+from mmbrecq.mixed_precision.pipeline import search_mixed_precision
 from mmbrecq.reconstruction import reconstruct
 from mmbrecq.registry import LOOPS
 from .calibration import build_calibration_set
@@ -117,6 +118,12 @@ class PTQLoop(TestLoop):
         runner.call_hook('after_calibration', calib=calib)
         if self.eval_nearest:
             self.evaluate('nearest')
+        if qcfg['mixed_precision'] is not None:  # bit map searched (or reused on resume), then applied
+            t0 = time.perf_counter()
+            self.results['mixed_precision'] = search_mixed_precision(
+                model, calib, qcfg, work_dir=runner.work_dir, resume=self.resume, logger=runner.logger,
+                write=runner.rank == 0)
+            self.results['seconds']['mixed_precision'] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         recon_cfg = dict(qcfg['recon'])

@@ -3,6 +3,7 @@ import os.path as osp
 
 import torch
 
+from mmbrecq.mixed_precision.bits import apply_saved_bits
 from mmbrecq.modules import QuantConfig, quantize_model
 from mmbrecq.utils import load_checkpoint_file
 from mmbrecq.version import __version__
@@ -35,5 +36,6 @@ def load_quantized(model, path, quant_cfg=None):
     qcfg['weight_quantizer'] = dict(qcfg.get('weight_quantizer', QuantConfig({}).cfg['weight_quantizer']))
     qcfg['weight_quantizer']['num_candidates'] = 1  # ranges come from the checkpoint: skip the search
     quantize_model(model, qcfg)
+    apply_saved_bits(model, ckpt['state_dict'])  # mixed precision: per-layer weight bits as saved
     model.load_state_dict(ckpt['state_dict'], strict=True)
     return model, meta

@@ -38,6 +38,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from mmbrecq.mixed_precision.bits import apply_bit_map
 from mmbrecq.modules import QuantConfig, fold_bn, quantize_model
 from mmbrecq.version import __version__
 from ._common import (act_quantizers, block_input_quantizers, quant_layers, quantizer_names, require_ready,
@@ -246,6 +247,7 @@ def load_integer_checkpoint(float_model: nn.Module, path, quant_cfg=None) -> nn.
     blocks = block_input_quantizers(model)
     _check_same('quantized layers', layers, ckpt['layers'])
     _check_same('block input quantizers', blocks, ckpt['block_inputs'])
+    apply_bit_map(model, {n: e['weight']['bits'] for n, e in ckpt['layers'].items()})  # mixed precision
 
     filled = set(quantizer_names(model))
     missing, unexpected = model.load_state_dict(ckpt['float_state'], strict=False)

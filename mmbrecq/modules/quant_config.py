@@ -62,8 +62,8 @@ class QuantConfig:
                 _check_act_bits(o['a_bits'], f'{key}.a_bits')
             self.overrides.append(dict(o))
         if merged['mixed_precision'] is not None:
-            raise ValueError('quant_cfg.mixed_precision: the mixed-precision search is not available in this '
-                             'version of mmbrecq; set per-layer bits with quant_cfg.overrides instead')
+            from mmbrecq.mixed_precision.config import mp_config  # late: that package imports this one
+            mp_config(merged['mixed_precision'])
         for key in ('weight_quantizer', 'act_quantizer'):
             if not isinstance(merged[key], dict) or 'type' not in merged[key]:
                 raise ValueError(f'quant_cfg.{key} must be a dict with a "type" key')
