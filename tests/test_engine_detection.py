@@ -103,7 +103,9 @@ def test_every_unit_reconstructs_finite(reconstructed, name):
                 'roi_head.bbox_head.fc_cls', 'roi_head.bbox_head.fc_reg'} <= set(names)
         assert {r['name']: r['calls'] for r in records}['rpn_head.rpn_cls'] == 5  # once per level
     else:
-        assert {'bbox_head.cls_convs.0.conv', 'bbox_head.retina_cls', 'bbox_head.retina_reg'} <= set(names)
+        assert {'bbox_head.cls_convs', 'bbox_head.reg_convs', 'bbox_head.retina_cls', 'bbox_head.retina_reg'} <= set(names)
+        assert kinds['bbox_head.cls_convs'] == 'HeadTower'
+        assert {r['name']: r['calls'] for r in records}['bbox_head.cls_convs'] == 5
 
 
 @pytest.mark.parametrize('name', ['faster_rcnn', 'retinanet'])

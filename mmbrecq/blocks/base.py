@@ -45,6 +45,15 @@ class BlockRule:
         types = self.resolved_types()
         return bool(types) and isinstance(module, types)
 
+    def match(self, parent: nn.Module, name: str, module: nn.Module) -> bool:
+        """Whether ``parent.<name>`` is a block of this rule (default: by ``block_types``).
+        Rules that need the context (which head a list of convs belongs to) override it."""
+        return self.matches(module)
+
+    def prepare(self, parent: nn.Module, name: str, module: nn.Module) -> nn.Module:
+        """The module that becomes the unit (default: the block itself, untouched)."""
+        return module
+
     def entry_layers(self, block: nn.Module, layer_names):
         """Names (relative to the block, in registration order) of layers fed by the input."""
         if not layer_names:

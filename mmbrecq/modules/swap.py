@@ -121,6 +121,10 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
             rule = next((r for r in rules if r.matches(child)), None)
             if rule is not None:
                 every = [n for n, m in child.named_modules() if quant_twin(m) is not None]
+                unit = rule.prepare(module, child_name, child)
+                if unit is not child:
+                    setattr(module, child_name, unit)
+                    child = unit
                 entries = set(rule.entry_layers(child, every))  # skipped layers still read the input
                 inner = [n for n in every if not qcfg.is_skipped(f'{name}.{n}')]
                 if not inner:
