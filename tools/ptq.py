@@ -1,7 +1,11 @@
 """Post-training quantization of an OpenMMLab model with BRECQ.
 
     python tools/ptq.py CONFIG [--checkpoint CKPT] [--work-dir DIR] [--resume]
-                        [--cfg-options k=v ...] [--launcher none|pytorch|slurm]
+                        [--cfg-options k=v ...] [--launcher none|pytorch|slurm|mpi]
+
+Several GPUs / nodes: ``tools/dist_ptq.sh CONFIG GPUS [args]`` (torchrun) or
+``tools/slurm_ptq.sh PARTITION JOB_NAME CONFIG [args]`` (srun); on a machine without
+CUDA the same launchers run CPU processes over gloo.
 
 CONFIG inherits the float model's config (``_base_ = 'mmpretrain::…'``) and adds
 ``quant_cfg`` and ``float_checkpoint``. Results land in the work dir: ``quantized.pth``,
@@ -99,6 +103,8 @@ def main(argv=None):
         print(f'error: {e}', file=sys.stderr)
         return 2
     os.makedirs(osp.abspath(cfg.work_dir), exist_ok=True)
+    from mmbrecq.utils.dist import prepare_launcher
+    prepare_launcher(cfg)  # --launcher pytorch|slurm|mpi without CUDA: a gloo group of CPU processes
     runner = Runner.from_cfg(cfg)
     runner.test()
     return 0

@@ -6,6 +6,7 @@ from mmengine.dataset import DefaultSampler
 from mmengine.runner import set_random_seed
 
 from mmbrecq.reconstruction import CalibrationSet
+from mmbrecq.utils.dist import global_max, read_global_stream, shard_batch
 from .detection import attach_proposals, detection_forward, is_detector, is_two_stage
 
 DEFAULT_CALIB = dict(
@@ -48,7 +49,7 @@ def pad_batches(batches, pad_to='max', pad_value=0.):
         return batches
     sizes = [tuple(b['inputs'].shape[-2:]) for b in batches]
     if pad_to == 'max':
-        target = (max(h for h, _ in sizes), max(w for _, w in sizes))
+        target = global_max((max(h for h, _ in sizes), max(w for _, w in sizes)))  # over the ranks' shards
     else:
         target = tuple(pad_to)
         too_big = [s for s in sizes if s[0] > target[0] or s[1] > target[1]]
@@ -91,7 +92,7 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     loader_cfg.pop('batch_sampler', None)
     loader_cfg['persistent_workers'] = False
     set_random_seed(c['seed'])  # augmentation draws from numpy/random: the same images every run
-    loader = runner.build_dataloader(loader_cfg, seed=c['seed'])
+    loader = runner.build_dataloader(read_global_stream(loader_cfg, c['seed']), seed=c['seed'])
     batches, taken = [], 0
     with torch.no_grad():
         for batch in loader:
@@ -99,7 +100,9 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
             n = min(c['batch_size'], c['num_samples'] - taken)
             if n < data['inputs'].shape[0]:
                 data = dict(inputs=data['inputs'][:n], data_samples=data['data_samples'][:n])
-            batches.append(data)
+            data = shard_batch(data, taken, n)  # several processes: this rank's samples (i -> rank i % W)
+            if data is not None:
+                batches.append(data)
             taken += n
             if taken >= c['num_samples']:
                 break

@@ -15,6 +15,7 @@ from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
 from .bn_fold import fold_bn
 from .quant_config import QuantConfig
 from .quant_layers import QuantLayerMixin, quant_twin
+from mmbrecq.utils.dist import shard_range_init
 
 UNIT_ATTR = '_mmbrecq_unit_kind'
 
@@ -194,10 +195,12 @@ def calibrate_activations(model: nn.Module, batches, forward=None):
         q.observing = True
     try:
         for batch in batches:
+            shard_range_init(acts, batch)  # several processes: ranges from the global batch
             forward(model, batch) if forward is not None else model(batch)
             if all(q.initialized for q in acts):
                 break
     finally:
+        shard_range_init(acts, None)
         for q in acts:
             q.observing = False
     missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]

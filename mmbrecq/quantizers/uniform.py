@@ -59,6 +59,7 @@ class UniformQuantizer(nn.Module):
         self.register_buffer('zero_point', torch.zeros(shape))
         self.initialized = False
         self.observing = False
+        self.shard_samples = None  # several processes: samples of this rank's part of the range batch
         self.enabled = True
 
     # -- state ---------------------------------------------------------------------------
@@ -89,7 +90,10 @@ class UniformQuantizer(nn.Module):
     @torch.no_grad()
     def init_range(self, x: torch.Tensor):
         """Set scale and zero point from ``x`` (min-max or Lp search)."""
-        if self.init == 'lp':
+        if getattr(self, 'shard_samples', None):  # ``x`` is this rank's part: statistics reduced over ranks
+            from mmbrecq.utils.dist import sharded_range
+            lo, hi = sharded_range(x, self, self.shard_samples)
+        elif self.init == 'lp':
             lo, hi = lp_search_range(x, self.qmin, self.qmax, self.symmetric, self.ch_axis, self.p,
                                      self.num_candidates)
         else:

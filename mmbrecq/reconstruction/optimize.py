@@ -10,6 +10,7 @@ import torch
 
 from mmbrecq.modules.swap import quantizers_of, set_quant_state, unit_layers
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+from .distributed import StepSharding, broadcast_quantizers, mask_seed
 from .objective import RoundingSchedule, reconstruction_loss
 
 
@@ -100,7 +101,8 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
         opt, [(lambda it: 0.5 * (1 + math.cos(math.pi * it / iters))) if c else (lambda it: 1.0)
               for c in cosine])
     rounding = RoundingSchedule(iters, cfg['warmup'], cfg['b_range'])
-    gen = torch.Generator(device=data.index_device).manual_seed(seed)
+    shard = StepSharding(data, cfg['batch_size'])  # several processes: each its part of the global batch
+    gen = torch.Generator(device=shard.index_device).manual_seed(seed)
     zero = torch.zeros((), device=device)
     bs, mix, check = cfg['batch_size'], cfg['input_mix'], cfg['check_every']
     for q in aq:
@@ -109,9 +111,10 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     step, reported = max(1, iters // 50), 0
     try:
         for it in range(iters):
-            idx = torch.randint(data.num_samples, (bs, ), generator=gen, device=data.index_device)
+            idx = torch.randint(shard.total, (bs, ), generator=gen, device=shard.index_device)
+            idx, share = shard.local(idx)
             rec = zero
-            for k in range(data.calls):
+            for k in range(data.calls if len(idx) else 0):
                 x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
                 out = unit.module(x)
                 if out_quantizer is not None:
@@ -119,14 +122,18 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
                 rec = rec + reconstruction_loss(out, y, w)
             beta = rounding(it) if use_round else None
             reg = zero if beta is None else cfg['lam'] * sum(q.round_loss(beta) for q in wq)
+            rec, reg = shard.scale(rec, reg, share)
             loss = rec + reg
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if loss.requires_grad or not shard.active:
+                loss.backward()
+            shard.sync_grads(p for g in opt.param_groups for p in g['params'])
             opt.step()
             sched.step()
             hist[it, 0] = rec.detach()
             hist[it, 1] = reg.detach()
             if (it + 1) % check == 0 or it + 1 == iters:
+                shard.reduce_history(hist, it + 1)
                 if not bool(torch.isfinite(hist[max(0, it + 1 - check):it + 1]).all()):
                     raise NonFiniteLoss(f'{stage}: non-finite loss at iteration {it + 1}')
             if progress is not None and ((it + 1) % step == 0 or it + 1 == iters):
@@ -158,7 +165,7 @@ def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=
     skip = entry_quantizer(unit) if input_learned else None
     if skip is not None:
         skip.scale.requires_grad_(False)
-    torch.manual_seed(seed)  # QDrop masks
+    torch.manual_seed(mask_seed(seed))  # QDrop masks (several processes: one seed per rank)
     if cfg['act_mode'] == 'joint':
         wq, aq, groups = _param_groups(unit, cfg, aq_all)
         hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint',
@@ -181,6 +188,7 @@ def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=
     freeze_unit(unit)
     if out_quantizer is not None:
         out_quantizer.scale.requires_grad_(False)
+    broadcast_quantizers(unit.module, out_quantizer)  # several processes: rank 0's (equal) values
     return hist.cpu()
 
 

@@ -12,6 +12,7 @@ from mmbrecq.modules.swap import (Unit, calibrate_activations, find_units, quant
                                   set_quant_state)
 from mmbrecq.modules.quant_layers import QuantLayerMixin
 from mmbrecq.registry import RECONSTRUCTORS, TASK_LOSSES, build_from
+from mmbrecq.utils.dist import global_sum, is_main, main_then_barrier
 from .cache import CacheBudget
 from .capture import CalibrationSet, probe_units, run_capture
 from .config import recon_config
@@ -61,6 +62,7 @@ class _LossPlot:
     def __init__(self, path):
         self.path = path
 
+    @main_then_barrier
     def after_unit(self, index, unit, record, records):
         plot_losses(records, self.path)
 
@@ -197,7 +199,8 @@ class BlockReconstructor:
             mean_sq = 0.0
             if mode == 'normalized':
                 mean_sq = sum(float(cache.read(s, e).pow(2).sum()) for s, e in calib.chunks())
-                mean_sq /= max(1, cache.data.numel())
+                mean_sq, count = global_sum(mean_sq, cache.data.numel())  # over the ranks' shards
+                mean_sq /= max(1, count)
             for s, e in calib.chunks():
                 cache.write(s, fisher_weight(cache.read(s, e), mode, mean_sq))
         return grads
@@ -214,6 +217,7 @@ class BlockReconstructor:
         return x_fp, y_fp, self._fisher(qmodel, unit, trace, calib, budget, fp_outputs, done_units)
 
     # -- state ----------------------------------------------------------------------------
+    @main_then_barrier
     def _save_state(self, qmodel, work_dir, done, records):
         path = osp.join(work_dir, STATE_FILE)
         tmp = path + '.tmp'
@@ -268,7 +272,7 @@ class BlockReconstructor:
                     fp_outputs = [_to_host(calib.forward(qmodel, b)) for b in calib.batches]
             per_unit = cfg['iters'] + ((cfg['act_iters'] or cfg['iters']) if cfg['act_mode'] == 'two_stage' else 0)
             todo = [u for u in units if u.name not in done]
-            bar = ProgressBar(len(todo) * per_unit) if cfg['progress'] and todo else None
+            bar = ProgressBar(len(todo) * per_unit) if cfg['progress'] and todo and is_main() else None
             done_units = [u for u in units if u.name in done]
             for i, unit in enumerate(units):
                 if unit.name in done:
