@@ -72,7 +72,10 @@ def main():
                    help='AdaRound steps per candidate while measuring (0: nearest)')
     p.add_argument('--plot', default='work_dirs/bench_mixed_precision_digits/tradeoff.png')
     p.add_argument('--json', help='also write the rows to this file')
+    p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import mmbrecq  # noqa: F401
     from mmbrecq.mixed_precision import ModelSize, trace_layer_stats

@@ -15,7 +15,8 @@ def test_defaults_and_searcher_args():
     assert cfg['candidates'] == (2, 4, 8)
     assert cfg['cost_model'] == 'ModelSize' and cfg['budget_key'] == 'size_mb' and cfg['budget_value'] == 1.0
     assert cfg['searcher'] == dict(population_size=20, seed=3)
-    assert cfg['sensitivity'] == dict(iters=0, fisher_weight='raw', max_combos=27, act_quant=False)
+    assert cfg['sensitivity'] == dict(iters=0, fisher_weight='raw', max_combos=27, act_quant=False,
+                                      fisher_model='full')
     assert mp_config(_mp(budget=dict(bops=1e9)))['cost_model'] == 'BOPs'
     assert mp_config(_mp(budget=dict(size_mb='uniform_w3')))['budget_value'] == 'uniform_w3'
     cfg = mp_config(_mp(budget=dict(latency_ms=2.0), latency_table='t.csv'))
@@ -44,6 +45,7 @@ def test_defaults_and_searcher_args():
     (dict(sensitivity=dict(iters=-1)), r'mixed_precision\.sensitivity\.iters must be an integer >= 0'),
     (dict(sensitivity=dict(fisher_weight='sq')), r"mixed_precision\.sensitivity\.fisher_weight='sq'"),
     (dict(sensitivity=dict(max_combos=0)), r'mixed_precision\.sensitivity\.max_combos'),
+    (dict(sensitivity=dict(fisher_model='half')), r"mixed_precision\.sensitivity\.fisher_model='half'"),
     (dict(population_size=1), r'mixed_precision: the GeneticSearcher arguments are invalid'),
 ])
 def test_bad_config_names_the_key(mp, match):

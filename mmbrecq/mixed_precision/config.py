@@ -10,7 +10,7 @@ mixed_precision=dict(
     cost_model=None,                        # default from the budget key (ModelSize, BOPs,
                                             # LatencyTable); any COST_MODELS type
     latency_table=None,                     # .json / .csv table, needed by latency_ms
-    sensitivity=dict(iters=0, fisher_weight='raw', max_combos=27, act_quant=False),
+    sensitivity=dict(iters=0, fisher_weight='raw', fisher_model='full', max_combos=27, act_quant=False),
     population_size=50, generations=200, seed=0, ...   # the searcher's own arguments
 )
 ```
@@ -34,6 +34,9 @@ DEFAULT_SENSITIVITY = dict(
     max_combos=27,          # every per-layer combination of a unit up to this many, else
                             # exact diagonal + pairwise (second-order) estimates
     act_quant=False,        # quantize the unit's activations while measuring
+    fisher_model='full',    # Fisher gradient with the whole model quantized at the uniform w_bits
+                            # ('full': one scale for every unit) or only up to the unit
+                            # ('prefix', as reconstruction; early units then get tiny weights)
 )
 DEFAULTS = dict(type='GeneticSearcher', budget=None, candidates=(2, 4, 8), cost_model=None,
                 latency_table=None, sensitivity=dict())
@@ -118,6 +121,8 @@ def mp_config(cfg):
     if sens['fisher_weight'] not in ('raw', 'abs_plus_one', 'normalized'):
         raise ValueError(f"{KEY}.sensitivity.fisher_weight={sens['fisher_weight']!r}: expected 'raw', "
                          "'abs_plus_one' or 'normalized'")
+    if sens['fisher_model'] not in ('full', 'prefix'):
+        raise ValueError(f"{KEY}.sensitivity.fisher_model={sens['fisher_model']!r}: expected 'full' or 'prefix'")
     if not isinstance(sens['max_combos'], int) or sens['max_combos'] < 1:
         raise ValueError(f'{KEY}.sensitivity.max_combos must be a positive integer, got {sens["max_combos"]!r}')
     merged['sensitivity'] = sens

@@ -181,7 +181,7 @@ def _search(model, calib, qcfg, mp, spaces, work_dir, logger, write):
     sens_cfg = mp['sensitivity']
     sens = measure_sensitivity(
         model, calib, spaces, qcfg['recon'], iters=sens_cfg['iters'], fisher_weight=sens_cfg['fisher_weight'],
-        max_combos=sens_cfg['max_combos'], act_quant=sens_cfg['act_quant'],
+        max_combos=sens_cfg['max_combos'], act_quant=sens_cfg['act_quant'], fisher_model=sens_cfg['fisher_model'],
         cache_path=osp.join(work_dir, SENS_CACHE_FILE) if work_dir else None, write_cache=write, logger=logger,
         seed=mp['searcher'].get('seed', 0))
     table = sens['table']

@@ -8,9 +8,11 @@ against the float output is weighted by the diagonal Fisher of that output:
     s(unit, bits) = 1/N * sum_samples sum_elements  F * (z_q - z_fp)^2
 
 with ``F = g^2`` by default (``sensitivity.fisher_weight='raw'``), ``g`` the gradient of
-KL(float || quantized logits) w.r.t. the unit's output, the model quantized (uniformly,
-as configured) up to and including the unit. The block-diagonal approximation makes
-these terms additive over units, which is what the genetic search minimises.
+KL(float || quantized logits) w.r.t. the unit's output, taken with the whole model
+quantized at the configured uniform bits (``fisher_model='full'``; reconstruction takes
+it with the model quantized only up to the unit, which makes the gradient, and so the
+weights, of early units far smaller: ``'prefix'``). The block-diagonal approximation
+makes these terms additive over units, which is what the genetic search minimises.
 
 Inside a unit the layers' bits interact (the paper's intra-block terms), so a unit's
 options are *per-layer* bit combinations, e.g. 27 for a BasicBlock with a downsample
@@ -245,8 +247,8 @@ def _set_unit_bits(layers, bits, ranges):
 
 
 def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, iters=0,
-                        fisher_weight='raw', max_combos=27, act_quant=False, cache_path=None,
-                        write_cache=True, logger=None, seed=0):
+                        fisher_weight='raw', max_combos=27, act_quant=False, fisher_model='full',
+                        cache_path=None, write_cache=True, logger=None, seed=0):
     """Measure the sensitivities of every unit of ``spaces`` (see the module docstring).
 
     Args:
@@ -257,6 +259,10 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
         recon_cfg: ``quant_cfg.recon`` (capture cache budget, task loss, and with
             ``iters > 0`` the AdaRound settings).
         iters: 0: nearest rounding; > 0: AdaRound steps per setting before measuring.
+        fisher_model: ``'full'``: the Fisher gradient is taken with every unit quantized (at
+            the model's current bits), so all units share one scale; ``'prefix'``: quantized
+            up to the unit, as reconstruction does (the KL gradient then shrinks towards
+            the input, and early units look insensitive).
         cache_path: JSON cache (``None``: no cache).
 
     Returns:
@@ -272,8 +278,10 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
     if iters > 0:
         rcfg['iters'] = iters
     rec = BlockReconstructor(**rcfg)
+    if fisher_model not in ('full', 'prefix'):
+        raise ValueError(f"fisher_model={fisher_model!r}: expected 'full' or 'prefix'")
     settings = dict(version=CACHE_VERSION, fisher_weight=fisher_weight, iters=iters, act_quant=act_quant,
-                    task_loss=rec.cfg['task_loss'])
+                    fisher_model=fisher_model, task_loss=rec.cfg['task_loss'])
     if iters > 0:
         settings.update({k: rec.cfg[k] for k in ('batch_size', 'lam', 'b_range', 'warmup', 'weight_lr',
                                                  'act_lr')}, seed=seed)
@@ -289,7 +297,8 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
     print_log(f'mixed precision: sensitivity of {len(spaces)} units, {n_new + n_cached} bit settings '
               f'({n_cached} cached in {cache_path}), fingerprint {fp}', logger)
     if n_new:
-        _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, cache, fp, logger, seed)
+        _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, fisher_model, cache, fp, logger,
+                         seed)
     table, estimated = {}, {}
     for sp in spaces:
         measured = cache.get(fp, sp.name)
@@ -300,7 +309,7 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
                 seconds=time.perf_counter() - t0)
 
 
-def _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, cache, fp, logger, seed):
+def _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, fisher_model, cache, fp, logger, seed):
     from mmbrecq.reconstruction import CacheBudget, probe_units
     from mmbrecq.reconstruction.optimize import UnitData, optimise_unit
     device = next(model.parameters()).device
@@ -326,8 +335,9 @@ def _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, cache, f
             sp = by_name[unit.name]
             layers = list(unit_layers(unit).values())
             t0 = time.perf_counter()
+            quantized = [u for u in units if u is not unit] if fisher_model == 'full' else units[:i]
             x_fp, y_fp, weights = rec.float_targets(model, unit, traces[unit.name], calib, budget,
-                                                    fp_outputs, units[:i])
+                                                    fp_outputs, quantized)
             snapshot = copy.deepcopy(unit.module.state_dict())
             acts = quantizers_of(unit.module, 'act')
             act_scales = [q.scale.detach().clone() for q in acts]
