@@ -42,6 +42,8 @@ def main(argv=None):
     cfg.load_from, cfg.resume = None, False
     without_training(cfg)
     cfg.test_cfg = dict()
+    from mmbrecq.utils.dist import prepare_launcher
+    prepare_launcher(cfg)  # --launcher pytorch|slurm|mpi without CUDA: a gloo group of CPU processes
     runner = Runner.from_cfg(cfg)
     model = runner.model.module if hasattr(runner.model, 'module') else runner.model
     load_quantized(model, args.checkpoint)
