@@ -4,6 +4,7 @@ The hot loop avoids host synchronisation: batch indices are drawn on the cache's
 losses are written into a preallocated device tensor, and finiteness is checked only
 every ``check_every`` iterations (one sync each).
 """
+import contextlib
 import math
 
 import torch
@@ -146,6 +147,33 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     return hist
 
 
+@contextlib.contextmanager
+def prequantized_input(unit, data: UnitData, frozen_entry, input_mix, chunk=64):
+    """Apply a unit's *frozen* input quantizer to its cached inputs once, not every step.
+
+    When the previous unit learned this unit's input step (chained units), the quantizer
+    is a fixed function during this unit's optimisation: in ``'quant'`` mode the cached
+    inputs are quantized in place, chunk by chunk, and the quantizer is switched off
+    until the unit is done. Same values as applying it per step (it is the same
+    operation), minus a full pass over a batch of activations per iteration. The cache
+    then holds quantized inputs; quantizing them again (the next unit's carry-forward
+    runs the unit with its quantizer on) gives the same values.
+    """
+    if frozen_entry is None or input_mix != 'quant' or not frozen_entry.enabled:
+        yield
+        return
+    with torch.no_grad():
+        for cache in data.x_q:
+            for start in range(0, len(cache), chunk):
+                stop = min(len(cache), start + chunk)
+                cache.write(start, frozen_entry(cache.read(start, stop)))
+    frozen_entry.enabled = False
+    try:
+        yield
+    finally:
+        frozen_entry.enabled = True
+
+
 def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=None, input_learned=False):
     """Reconstruct ``unit`` in place; returns the loss history (iters x 2) on the host.
 
@@ -168,8 +196,9 @@ def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=
     torch.manual_seed(mask_seed(seed))  # QDrop masks (several processes: one seed per rank)
     if cfg['act_mode'] == 'joint':
         wq, aq, groups = _param_groups(unit, cfg, aq_all)
-        hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint',
-                          out_quantizer)
+        with prequantized_input(unit, data, skip, cfg['input_mix']):
+            hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint',
+                              out_quantizer)
     else:
         set_quant_state(unit.module, True, False)  # stage 1: activations float
         if out_quantizer is not None:
