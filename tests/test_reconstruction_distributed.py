@@ -3,9 +3,14 @@ batches and seed: calibration sharding, range-init reduction, gradient all-reduc
 logs, rank-0 files, distributed resume.
 
 Each distributed test spawns 2 processes (``tests/_dist.py``); the single-process reference
-runs the same worker function in the test process (no process group: world size 1).
+runs the same worker function in the test process (no process group: world size 1). 15-30 s
+each on 2 shared CPU cores (mostly the two processes' imports).
+
+Measured (4 units, 5,616 weights, 130 steps): hard rounding decisions 100 % identical, weight
+scales identical, activation steps within 2e-3 of one Adam step (act_lr), logged losses within
+1e-7 relative; per-step gradients (learning rates 0, 160 steps with empty local batches) within
+1e-5 relative of the single-process gradient of the global batch.
 """
-import copy
 import os
 
 import pytest
@@ -14,8 +19,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import mmbrecq
-from mmbrecq.modules import quantizers_of
-from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+from mmbrecq.quantizers import LSQQuantizer
 from mmbrecq.reconstruction.distributed import StepSharding
 from mmbrecq.utils.dist import shard_batch
 
@@ -120,9 +124,11 @@ def _reconstruct_per_rank_dir(rank, world_size, recon, base):
     return _reconstruct(rank, world_size, recon, os.path.join(base, f'rank{rank}'))
 
 
-@pytest.mark.parametrize('recon', [RECON, dict(RECON, fisher_weight='normalized', act_mode='two_stage',
-                                                   act_iters=60)],
-                         ids=['joint', 'two_stage_normalized'])
+@pytest.mark.parametrize('recon', [
+    RECON,
+    # the Fisher normalisation mean(g^2) summed over the ranks' shards; two optimisation stages
+    pytest.param(dict(RECON, fisher_weight='normalized', act_mode='two_stage', act_iters=60), marks=pytest.mark.slow)],
+    ids=['joint', 'two_stage_normalized'])
 def test_two_processes_equal_one(recon, tmp_path):
     single = _reconstruct(0, 1, recon, None)
     ranks = spawn(_reconstruct_per_rank_dir, 2, tmp_path / 'out', recon, str(tmp_path / 'wd'))

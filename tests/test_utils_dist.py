@@ -62,7 +62,7 @@ def _calibration(rank, world_size, num_workers):
                 labels=[int(s.gt_label) for b in calib.batches for s in b['data_samples']])
 
 
-@pytest.mark.parametrize('num_workers', [0, 2])
+@pytest.mark.parametrize('num_workers', [0, pytest.param(2, marks=pytest.mark.slow)])  # workers: 35-50 s
 def test_calibration_shards_are_the_single_process_set(num_workers, tmp_path):
     single = _calibration(0, 1, num_workers)
     ranks = spawn(_calibration, 2, tmp_path, num_workers)

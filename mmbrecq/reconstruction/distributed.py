@@ -45,11 +45,11 @@ class StepSharding:
         self._reduced = 0
         if self.world_size == 1:
             return
-        # one collective: global sample count, whether some rank keeps its indices on the host,
-        # whether some rank's shard does not have the size the layout gives it
-        info = torch.tensor([data.num_samples, float(data.index_device.type == 'cpu'), 0.], dtype=torch.float64)
+        # global sample count, and whether some rank keeps its caches (hence its indices) on the host
+        info = torch.tensor([data.num_samples, float(data.index_device.type == 'cpu')], dtype=torch.float64)
         all_reduce(info, 'sum')
         self.total = int(info[0])
+        # every rank fails together when a shard does not have the size the layout gives it
         bad = torch.tensor([float(shard_size(self.total, self.rank, self.world_size) != data.num_samples)])
         all_reduce(bad, 'sum')
         if bad.item():

@@ -23,7 +23,8 @@ from mmengine.dataset import DefaultSampler
 from mmengine.dist import all_reduce, barrier, get_rank, get_world_size
 
 __all__ = ['world', 'is_main', 'is_sharded', 'shard_size', 'shard_positions', 'shard_batch', 'UnshardedSampler',
-           'read_global_stream', 'global_sum', 'global_max', 'main_then_barrier', 'shard_range_init', 'sharded_range', 'init_cpu_dist', 'prepare_launcher']
+           'read_global_stream', 'global_sum', 'global_max', 'main_then_barrier', 'shard_range_init',
+           'sharded_range', 'init_cpu_dist', 'prepare_launcher']
 
 
 def world():
