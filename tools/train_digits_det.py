@@ -1,7 +1,7 @@
 """Train a float detector of the detection demo (RetinaNet / Faster R-CNN on digit canvases).
 
     python tools/train_digits_det.py --model retinanet      # checkpoints/digits_retinanet_float.pth
-    python tools/train_digits_det.py --model faster_rcnn    # checkpoints/digits_faster_rcnn_float.pth
+    python tools/train_digits_det.py --model faster_rcnn  # checkpoints/digits_faster_rcnn_float.pth
     python tools/train_digits_det.py --model retinanet --epochs 2 --out /tmp/quick.pth
 
 mmdet's own training through mmengine's Runner, on mmbrecq.DigitsCocoDataset (generated
@@ -39,7 +39,8 @@ def parse_args(argv=None):
                    help='mmengine work dir (default: work_dirs/digits_<model>_float)')
     p.add_argument('--epochs', type=int, default=None, help='override max_epochs of the config')
     p.add_argument('--out', default=None,
-                   help='where the stripped checkpoint goes (default: checkpoints/digits_<model>_float.pth)')
+                   help='where the stripped checkpoint goes '
+                        '(default: checkpoints/digits_<model>_float.pth)')
     p.add_argument('--seed', type=int, default=None, help='override randomness.seed')
     args = p.parse_args(argv)
     cfg_name, out = MODELS[args.model]

@@ -187,7 +187,10 @@ val_evaluator = dict(
 test_evaluator = val_evaluator
 
 # ---------------------------------------------------------------- schedule
-max_epochs = 12
+# 10 epochs x 94 iterations of batch 16, AdamW + cosine: test bbox mAP 0.834 / mAP_50
+# 0.975. The committed checkpoint took 912 s, trained side by side with the RetinaNet
+# (one thread each) on a loaded shared machine (0.33 s per iteration at the quietest).
+max_epochs = 10
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),

@@ -136,7 +136,12 @@ val_evaluator = dict(
 test_evaluator = val_evaluator
 
 # ---------------------------------------------------------------- schedule
-max_epochs = 12
+# 10 epochs x 94 iterations of batch 16, AdamW + cosine: test bbox mAP 0.569 / mAP_50
+# 0.646 (per class from 0.26 for "8" to 0.80 for "6": the dense 32-channel head confuses
+# classes rather than mislocalising, mAP_75 0.645). 40 s for one epoch on 2 nearly idle
+# CPU cores; the committed checkpoint took 805 s, trained side by side with the Faster
+# R-CNN (one thread each) on a loaded shared machine.
+max_epochs = 10
 optim_wrapper = dict(
     type='OptimWrapper',
     optimizer=dict(type='AdamW', lr=2e-3, betas=(0.9, 0.999), weight_decay=0.05),
