@@ -9,7 +9,7 @@ KL(float || quantized) on the test split is printed too.
 
     python benchmarks/bench_mixed_precision_digits.py [--iters 1000] [--num-samples 512]
         [--tradeoff 2.5 3.5 --uniform 2 4]   # more budgets (equivalent bits) -> trade-off PNG
-        [--sensitivity raw abs_plus_one] [--sens-iters 0 200]   # sensitivity variants
+        [--variants raw:full:0 raw:prefix:0 abs_plus_one:full:0 raw:full:50]   # sensitivity variants
 """
 import argparse
 import copy
@@ -67,9 +67,9 @@ def main():
     p.add_argument('--tradeoff', type=float, nargs='*', default=[],
                    help='more mixed-precision budgets, in equivalent bits (e.g. 2.5 3.5)')
     p.add_argument('--uniform', type=int, nargs='*', default=[], help='more uniform baselines (e.g. 2 4)')
-    p.add_argument('--sensitivity', nargs='+', default=['raw'], help='fisher_weight variants of the sensitivity')
-    p.add_argument('--sens-iters', type=int, nargs='+', default=[0],
-                   help='AdaRound steps per candidate while measuring (0: nearest)')
+    p.add_argument('--variants', nargs='+', default=['raw:full:0'],
+                   help='sensitivity variants fisher_weight:fisher_model:iters (iters: AdaRound steps per '
+                        'setting, 0: nearest), e.g. raw:full:0 raw:prefix:0 abs_plus_one:full:0 raw:full:50')
     p.add_argument('--plot', default='work_dirs/bench_mixed_precision_digits/tradeoff.png')
     p.add_argument('--json', help='also write the rows to this file')
     p.add_argument('--threads', type=int, help='torch CPU threads (default: torch\'s)')
@@ -104,14 +104,14 @@ def main():
 
     print(f'digits test split (360 images), float top-1 {fp_top1:.2f}; calibration {calib.num_samples} train '
           f'images, {args.iters} iterations per unit, seed {args.seed}; A4 (first/last layer W8A8)')
-    head = (f'{"setting":34s} {"size MB":>8s} {"nearest":>8s} {"KL near":>8s} {"BRECQ":>7s} {"KL(fp||q)":>10s} '
+    head = (f'{"setting":54s} {"size MB":>8s} {"nearest":>8s} {"KL near":>8s} {"BRECQ":>7s} {"KL(fp||q)":>10s} '
             f'{"search s":>8s} {"recon s":>8s}')
     print(head)
     rows = []
 
     def show(r):
         rows.append(r)
-        print(f'{r["label"]:34s} {r["size_mb"]:8.4f} {r["nearest_top1"]:8.2f} {r["nearest_kl"]:8.4f} '
+        print(f'{r["label"]:54s} {r["size_mb"]:8.4f} {r["nearest_top1"]:8.2f} {r["nearest_kl"]:8.4f} '
               f'{r["top1"]:7.2f} {r["kl"]:10.4f} {r["search_s"]:8.1f} {r["recon_s"]:8.1f}', flush=True)
 
     tmp = tempfile.mkdtemp(prefix='bench_mp_')
@@ -119,14 +119,13 @@ def main():
     for b in sorted({int(base)} | set(args.uniform)) if float(base).is_integer() else sorted(set(args.uniform)):
         show(run(f'uniform W{b}A4', float_model, calib, test_batches, fp_logits, args, b))
     for eq in [base] + [e for e in args.tradeoff if e != base]:
-        for fw in args.sensitivity:
-            for it in args.sens_iters:
-                mp = dict(type='GeneticSearcher', budget=dict(size_mb=mb(eq)), candidates=(2, 4, 8), seed=args.seed,
-                          sensitivity=dict(fisher_weight=fw, iters=it))
-                label = f'mixed W{{2,4,8}} @ W{eq:g} size' + (f' [{fw}{f", {it} it" if it else ""}]'
-                                                             if len(args.sensitivity) + len(args.sens_iters) > 2 else '')
-                wd = osp.join(tmp, f'{eq}_{fw}_{it}')
-                show(run(label, float_model, calib, test_batches, fp_logits, args, max(2, int(eq)), mp, wd))
+        for variant in args.variants:
+            fw, fm, it = variant.split(':')
+            mp = dict(type='GeneticSearcher', budget=dict(size_mb=mb(eq)), candidates=(2, 4, 8), seed=args.seed,
+                      sensitivity=dict(fisher_weight=fw, fisher_model=fm, iters=int(it)))
+            label = f'mixed W{{2,4,8}} @ W{eq:g} size' + (f' [{variant}]' if len(args.variants) > 1 else '')
+            wd = osp.join(tmp, f'{eq}_{fw}_{fm}_{it}')
+            show(run(label, float_model, calib, test_batches, fp_logits, args, max(2, int(eq)), mp, wd))
     if len(rows) > 2 and args.plot:
         os.makedirs(osp.dirname(osp.abspath(args.plot)), exist_ok=True)
         pts = [dict(r, label=r['label'].split(' [')[0].replace('mixed W{2,4,8} @ ', 'MP ')) for r in rows]
