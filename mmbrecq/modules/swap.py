@@ -119,13 +119,13 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     def visit(prefix, module):
         for child_name, child in list(module.named_children()):
             name = prefix + child_name
-            rule = next((r for r in rules if r.matches(child)), None)
+            rule = next((r for r in rules if r.match(module, child_name, child)), None)
             if rule is not None:
-                every = [n for n, m in child.named_modules() if quant_twin(m) is not None]
                 unit = rule.prepare(module, child_name, child)
                 if unit is not child:
                     setattr(module, child_name, unit)
                     child = unit
+                every = [n for n, m in child.named_modules() if quant_twin(m) is not None]
                 entries = set(rule.entry_layers(child, every))  # skipped layers still read the input
                 inner = [n for n in every if not qcfg.is_skipped(f'{name}.{n}')]
                 if not inner:
