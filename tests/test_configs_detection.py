@@ -46,6 +46,29 @@ def _params(files):
     return [pytest.param(f, id=f[:-3]) for f in files]
 
 
+DIGITS_FILES = sorted(p.name for p in CONFIG_DIR.glob('digits_det_*.py'))
+
+
+def test_every_digits_detection_config_exists():
+    expected = {f'digits_det_{d}_{b}.py' for d in ('retinanet', 'faster-rcnn') for b in ('w8a8', 'w4a8', 'w4a4', 'w2a8')}
+    assert set(DIGITS_FILES) == expected
+
+
+@pytest.mark.parametrize('name', _params(DIGITS_FILES))
+def test_digits_detection_config_is_valid(name):
+    cfg = _load(name)
+    _, w, a = _bits(name)
+    qcfg = QuantConfig(cfg.quant_cfg)
+    assert (qcfg.w_bits, qcfg.a_bits) == (w, a) and 'first' in qcfg.keep_8bit
+    calib_config(qcfg['calib'])
+    recon = dict(qcfg['recon'])
+    recon.pop('type')
+    recon_config(recon)
+    assert cfg.test_evaluator['type'] == 'CocoMetric' and cfg.default_scope == 'mmdet'
+    assert (ROOT / cfg.float_checkpoint).is_file()
+    assert 'mmbrecq' in cfg.custom_imports['imports']
+
+
 def test_every_coco_config_exists():
     present = {p.name for p in CONFIG_DIR.glob('*.py') if p.name.startswith(('faster-rcnn_', 'retinanet_'))}
     assert present == set(COCO_FILES)
