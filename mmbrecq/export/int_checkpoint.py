@@ -247,7 +247,10 @@ def load_integer_checkpoint(float_model: nn.Module, path, quant_cfg=None) -> nn.
     blocks = block_input_quantizers(model)
     _check_same('quantized layers', layers, ckpt['layers'])
     _check_same('block input quantizers', blocks, ckpt['block_inputs'])
-    apply_bit_map(model, {n: e['weight']['bits'] for n, e in ckpt['layers'].items()})  # mixed precision
+    if (ckpt['quant_cfg'] or {}).get('mixed_precision') is not None:
+        # searched per-layer bits: they come from the checkpoint, not from quant_cfg (for a
+        # uniform checkpoint a quant_cfg with other bits stays an error, checked per layer)
+        apply_bit_map(model, {n: e['weight']['bits'] for n, e in ckpt['layers'].items()})
 
     filled = set(quantizer_names(model))
     missing, unexpected = model.load_state_dict(ckpt['float_state'], strict=False)
