@@ -7,38 +7,9 @@
 _base_ = ['./digits_coco_det.py']
 
 # ---------------------------------------------------------------- model
-# base channels 16 instead of 64 (stages 16/32/64/128), FPN P2..P5 (strides 4..32) with
-# 32 channels: the digits' boxes are ~10..36 px (sqrt(w*h)), so P2/P3 carry nearly all
-# positives. No pretrained weights: everything is trained on the digits canvases, so BN
-# is trained too (norm_eval=False, no frozen stages).
+# backbone, FPN and data preprocessor: digits_coco_det.py
 model = dict(
     type='RetinaNet',
-    # inside `model` so that MODELS.build(cfg.model) alone (as the PTQ tools do) gets the
-    # normalisation too
-    data_preprocessor=dict(
-        type='DetDataPreprocessor',
-        # grey canvases repeated to 3 channels: mean/std of the train canvases (0..255)
-        mean=[14.41, 14.41, 14.41],
-        std=[33.03, 33.03, 33.03],
-        bgr_to_rgb=False,
-        pad_size_divisor=32),
-    backbone=dict(
-        type='ResNet',
-        depth=18,
-        base_channels=16,
-        num_stages=4,
-        out_indices=(0, 1, 2, 3),
-        frozen_stages=-1,
-        norm_cfg=dict(type='BN', requires_grad=True),
-        norm_eval=False,
-        style='pytorch',
-        init_cfg=None),
-    neck=dict(
-        type='FPN',
-        in_channels=[16, 32, 64, 128],
-        out_channels=32,
-        start_level=0,
-        num_outs=4),
     bbox_head=dict(
         type='RetinaHead',
         num_classes=10,
