@@ -45,7 +45,6 @@ from mmengine.logging import print_log
 from mmbrecq.modules.quant_config import QuantConfig
 from mmbrecq.modules.quant_layers import QuantLayerMixin
 from mmbrecq.modules.swap import find_units, quantizers_of, set_quant_state, unit_layers
-from mmbrecq.utils.dist import global_sum
 from .bits import set_weight_bits
 
 #: weight bits standing in for "not quantized" in partial settings (pairwise expansion)
@@ -229,8 +228,7 @@ class SensitivityCache:
 @torch.no_grad()
 def unit_error(unit, x_fp, y_fp, weights, calib) -> float:
     """Fisher-weighted squared error of the unit's output, summed over elements and calls,
-    averaged over samples (the unit's quantizers as they are set); in a distributed run,
-    over the samples of every rank, so all ranks measure the single-process value."""
+    averaged over samples (the unit's quantizers as they are set)."""
     total = 0.0
     for k in range(len(y_fp)):
         for s, e in calib.chunks():
@@ -239,8 +237,7 @@ def unit_error(unit, x_fp, y_fp, weights, calib) -> float:
             if weights is not None:
                 sq = sq * weights[k].read(s, e)
             total += float(sq.sum(dtype=torch.float64))
-    total, n = global_sum(total, calib.num_samples)  # several processes: over every rank's samples
-    return total / n
+    return total / calib.num_samples
 
 
 def _set_unit_bits(layers, bits, ranges):
