@@ -19,6 +19,7 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 import mmbrecq
+from _tools import load_tool
 from mmbrecq.engine import calib_config
 from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, quantizers_of, unit_layers
 from mmbrecq.reconstruction import recon_config
@@ -111,23 +112,10 @@ def test_config_loads_with_valid_quant_cfg(name):
         assert recon['loss'] == 'fisher_diag' and recon['input_mix'] == 'quant'
 
 
-_PTQ_TOOL = []
-
-
-def _ptq_tool():
-    if not _PTQ_TOOL:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location('_mmbrecq_tool_ptq_cfgtest', ROOT / 'tools' / 'ptq.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _PTQ_TOOL.append(module)
-    return _PTQ_TOOL[0]
-
-
 @pytest.mark.parametrize('name', _params())
 def test_config_accepted_by_ptq_tool(name, tmp_path):
     """``tools/ptq.py``'s own validation (a URL checkpoint is not downloaded there)."""
-    ptq = _ptq_tool()
+    ptq = load_tool('ptq')
     argv = [str(CONFIG_DIR / name), '--work-dir', str(tmp_path / 'work')]
     if not str(_load(name).get('float_checkpoint') or '').startswith('https://'):
         ckpt = tmp_path / 'float.pth'

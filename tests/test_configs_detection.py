@@ -16,6 +16,7 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmbrecq
+from _tools import load_tool
 from mmbrecq.engine import calib_config
 from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, unit_layers
 from mmbrecq.reconstruction import recon_config
@@ -107,22 +108,9 @@ def test_coco_float_checkpoint_is_mmdets_for_the_inherited_config(name):
     assert _metafile_weights(base)['configs/' + base.split('::', 1)[1]] == ckpt
 
 
-_PTQ = []
-
-
-def _ptq_tool():
-    if not _PTQ:
-        import importlib.util
-        spec = importlib.util.spec_from_file_location('_mmbrecq_tool_ptq_dettest', ROOT / 'tools' / 'ptq.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        _PTQ.append(module)
-    return _PTQ[0]
-
-
 @pytest.mark.parametrize('name', _params(COCO_FILES[::3]))
 def test_coco_config_accepted_by_ptq_tool(name, tmp_path):
-    ptq = _ptq_tool()
+    ptq = load_tool('ptq')
     argv = [str(CONFIG_DIR / name), '--work-dir', str(tmp_path / 'work')]
     if _load(name).get('float_checkpoint') is None:
         (tmp_path / 'f.pth').write_bytes(b'')

@@ -1,5 +1,4 @@
 """``tools/export.py`` on the digits demo config: onnx, int and float exports of a saved quantized model."""
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ import mmbrecq
 from mmbrecq.engine import save_quantized
 from mmbrecq.export import load_integer_checkpoint
 from mmbrecq.modules import set_quant_state
+from _tools import load_tool
 
 torch.set_num_threads(1)  # 2-core CI
 
@@ -21,14 +21,7 @@ QCFG = dict(w_bits=4, a_bits=4, weight_quantizer=dict(type='AdaRoundQuantizer', 
             act_quantizer=dict(type='LSQQuantizer', init='minmax'))
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location('_mmbrecq_tool_export', ROOT / 'tools' / 'export.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-EXPORT = _load_tool()
+EXPORT = load_tool('export')
 
 
 def _images(n, seed):

@@ -3,10 +3,8 @@
 min-max ranges), then ``--resume`` (the saved bit map is reused, nothing searched) and
 ``tools/test.py`` on the mixed-bit checkpoint. Bad mixed-precision configs stop
 ``tools/ptq.py`` before any work (exit code 2)."""
-import importlib.util
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -14,23 +12,17 @@ import torch
 
 import mmbrecq  # noqa: F401
 import mmbrecq.mixed_precision.pipeline as pipeline
+from _tools import load_tool, unique_name
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / 'configs' / 'brecq' / 'digits_demo_mp_w3size_a4.py'
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'_mmbrecq_mp_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _argv(work, *extra, options=()):
     return [str(CONFIG), '--work-dir', str(work), '--no-fp-eval', '--checkpoint',
             str(ROOT / 'checkpoints' / 'digits_resnet18_float.pth'), *extra, '--cfg-options',
-            f'experiment_name=mp_{os.getpid()}_{time.time_ns()}',
+            f'experiment_name={unique_name("mp")}',
             'quant_cfg.calib.num_samples=64', 'quant_cfg.calib.batch_size=32',
             'quant_cfg.recon.iters=2', 'quant_cfg.recon.progress=False',
             'quant_cfg.weight_quantizer.type=AdaRoundQuantizer', 'quant_cfg.weight_quantizer.init=minmax',
@@ -38,7 +30,7 @@ def _argv(work, *extra, options=()):
 
 
 def test_ptq_tool_with_mixed_precision(tmp_path, monkeypatch):
-    ptq, test = _tool('ptq'), _tool('test')
+    ptq, test = load_tool('ptq'), load_tool('test')
     work = tmp_path / 'work'
     cwd = os.getcwd()
     os.chdir(ROOT)  # the config's relative paths
@@ -62,7 +54,7 @@ def test_ptq_tool_with_mixed_precision(tmp_path, monkeypatch):
                  if k.endswith('.weight_quantizer._extra_state')}
         assert saved == report['bit_map']
         metrics = test.main([str(CONFIG), str(work / 'quantized.pth'), '--work-dir', str(tmp_path / 'test'),
-                             '--cfg-options', f'experiment_name=mpt_{os.getpid()}_{time.time_ns()}'])
+                             '--cfg-options', f'experiment_name={unique_name("mpt")}'])
         assert metrics == 0
 
         # --resume: the bit map is read back, never searched again
@@ -82,7 +74,7 @@ def test_ptq_tool_with_mixed_precision(tmp_path, monkeypatch):
     ('quant_cfg.mixed_precision.candidates=[2,4,9]', r'quant_cfg.mixed_precision.candidates\[2\]=9'),
 ])
 def test_bad_mixed_precision_config_exit_2(tmp_path, capsys, option, match):
-    ptq = _tool('ptq')
+    ptq = load_tool('ptq')
     assert ptq.main(_argv(tmp_path / 'work', options=[option])) == 2
     import re
     assert re.search(match, capsys.readouterr().err)

@@ -20,8 +20,6 @@ longest, 25-35 s, mostly the Lp range search of its weight quantizers), the resu
 mark them ``slow`` only if the four runs together exceed ~2 minutes).
 """
 import ast
-import importlib.util
-import itertools
 import json
 import os
 import os.path as osp
@@ -37,27 +35,18 @@ import torch
 
 import mmbrecq  # noqa: F401  (registers the loop/hooks, applies the compat shims)
 
+from _tools import load_tool, unique_name
+
 torch.set_num_threads(1)  # 2-core CI: multithreaded CPU convs are slower here
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs' / 'brecq'
 N_TRAIN, N_VAL = 4, 4  # images per class (2 classes)
-_counter = itertools.count()
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'_mmbrecq_tool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+PTQ = load_tool('ptq')
+TEST = load_tool('test')
 
-
-PTQ = _load_tool('ptq')
-TEST = _load_tool('test')
-
-
-def _unique_name(tag):
-    return f'{tag}_{os.getpid()}_{next(_counter)}_{time.time_ns()}'
 
 
 # ---------------------------------------------------------------------------------------
@@ -137,14 +126,14 @@ def _float_checkpoint(config_path, out_path, seed=0):
 
 def _ptq(argv, experiment=None):
     argv = [str(a) for a in argv]
-    argv += ['--cfg-options', f'experiment_name={experiment or _unique_name("ptq")}']
+    argv += ['--cfg-options', f'experiment_name={experiment or unique_name("ptq")}']
     return PTQ.main(argv)
 
 
 def _test_tool(config, checkpoint, work_dir, capsys):
     capsys.readouterr()
     rc = TEST.main([str(config), str(checkpoint), '--work-dir', str(work_dir),
-                    '--cfg-options', f'experiment_name={_unique_name("test")}'])
+                    '--cfg-options', f'experiment_name={unique_name("test")}'])
     out = capsys.readouterr().out
     assert rc == 0
     lines = [ln for ln in out.splitlines() if ln.startswith('{') and 'accuracy/top1' in ln]
@@ -355,7 +344,7 @@ def test_bad_input_config_without_quant_cfg(tmp_path, capsys):
 def test_bad_input_unknown_or_invalid_key(option, names, tiny_config, tmp_path, capsys):
     config, ckpt = tiny_config
     rc = PTQ.main([str(config), '--checkpoint', str(ckpt), '--work-dir', str(tmp_path / 'work'),
-                   '--cfg-options', option, f'experiment_name={_unique_name("bad")}'])
+                   '--cfg-options', option, f'experiment_name={unique_name("bad")}'])
     err = capsys.readouterr().err
     assert rc == 2
     for n in names:

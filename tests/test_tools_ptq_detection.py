@@ -9,11 +9,7 @@ The child configs point ``DigitsCocoDataset`` at a small set in ``tmp_path`` (th
 canvases of the demo set: the generator seeds every canvas by its index) and CocoMetric
 at its annotation file.
 """
-import importlib.util
-import itertools
 import json
-import os
-import time
 from pathlib import Path
 
 import pytest
@@ -21,25 +17,16 @@ import torch
 
 import mmbrecq  # noqa: F401
 
+from _tools import load_tool, unique_name
+
 torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / 'configs' / 'brecq'
-_counter = itertools.count()
 
 
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f'_mmbrecq_dettool_{name}', ROOT / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+PTQ, TEST = load_tool('ptq'), load_tool('test')
 
-
-PTQ, TEST = _tool('ptq'), _tool('test')
-
-
-def _experiment(tag):
-    return f'{tag}_{os.getpid()}_{next(_counter)}_{time.time_ns()}'
 
 
 def _child_config(tmp_path, base_name, iters=2):
@@ -67,7 +54,7 @@ DETECTORS = [pytest.param('digits_det_retinanet_w4a8.py', id='retinanet'),
 def test_ptq_detector_end_to_end(base_name, tmp_path, capsys):
     config = _child_config(tmp_path, base_name)
     work = tmp_path / 'work'
-    rc = PTQ.main([str(config), '--work-dir', str(work), '--cfg-options', f'experiment_name={_experiment("p")}'])
+    rc = PTQ.main([str(config), '--work-dir', str(work), '--cfg-options', f'experiment_name={unique_name("p")}'])
     assert rc == 0
     summary = json.loads((work / 'summary.json').read_text())
     assert set(summary['metrics']) == {'fp', 'nearest', 'brecq'}
@@ -86,7 +73,7 @@ def test_ptq_detector_end_to_end(base_name, tmp_path, capsys):
     # the saved model re-evaluates to the same metrics
     capsys.readouterr()
     rc = TEST.main([str(config), str(work / 'quantized.pth'), '--work-dir', str(tmp_path / 'test'),
-                    '--cfg-options', f'experiment_name={_experiment("t")}'])
+                    '--cfg-options', f'experiment_name={unique_name("t")}'])
     assert rc == 0
     out = capsys.readouterr().out
     assert f"{summary['metrics']['brecq']['coco/bbox_mAP']:.4f}"[:5] in out or \
@@ -121,8 +108,8 @@ def test_export_retinanet_float_and_onnx(tmp_path):
     config = _child_config(tmp_path, 'digits_det_retinanet_w4a8.py', iters=1)
     work = tmp_path / 'work'
     assert PTQ.main([str(config), '--work-dir', str(work), '--no-fp-eval', '--no-nearest-eval',
-                     '--cfg-options', f'experiment_name={_experiment("e")}']) == 0
-    export = _tool('export')
+                     '--cfg-options', f'experiment_name={unique_name("e")}']) == 0
+    export = load_tool('export')
     qckpt = str(work / 'quantized.pth')
     assert export.main([str(config), qckpt, '--format', 'float', '--out', str(tmp_path / 'baked.pth')]) == 0
     assert export.main([str(config), qckpt, '--format', 'onnx', '--shape', '1', '3', '128', '128',
