@@ -75,11 +75,32 @@ def strip_checkpoint(runner, metrics, train_time):
     return dict(meta=meta, state_dict=weights_to_cpu(get_state_dict(model)))
 
 
+def train_test_save(cfg, out, meta_update=None):
+    """Train ``cfg`` with mmengine's Runner, test it, write the stripped checkpoint to ``out``.
+
+    Shared by the classifier and detector trainers; returns ``(metrics, train_time, ckpt,
+    size_mib)``. ``meta_update`` edits the checkpoint's ``meta`` before it is written.
+    """
+    from mmengine.runner import Runner
+    from mmengine.runner.checkpoint import save_checkpoint
+
+    runner = Runner.from_cfg(cfg)
+    t0 = time.perf_counter()
+    runner.train()
+    train_time = time.perf_counter() - t0
+    metrics = runner.test()
+    ckpt = strip_checkpoint(runner, metrics, train_time)
+    if meta_update is not None:
+        meta_update(ckpt['meta'])
+    if osp.dirname(out):
+        os.makedirs(osp.dirname(out), exist_ok=True)
+    save_checkpoint(ckpt, out)
+    return metrics, train_time, ckpt, osp.getsize(out) / 2**20
+
+
 def main(argv=None):
     args = parse_args(argv)
     from mmengine.config import Config
-    from mmengine.runner import Runner
-    from mmengine.runner.checkpoint import save_checkpoint
 
     cfg = Config.fromfile(args.config)
     cfg.work_dir = args.work_dir
@@ -88,18 +109,8 @@ def main(argv=None):
     if args.seed is not None:
         cfg.randomness.seed = args.seed
 
-    runner = Runner.from_cfg(cfg)
-    t0 = time.perf_counter()
-    runner.train()
-    train_time = time.perf_counter() - t0
-    metrics = runner.test()
+    metrics, train_time, _, size_mb = train_test_save(cfg, args.out)
     top1 = metrics['accuracy/top1']
-
-    ckpt = strip_checkpoint(runner, metrics, train_time)
-    if osp.dirname(args.out):
-        os.makedirs(osp.dirname(args.out), exist_ok=True)
-    save_checkpoint(ckpt, args.out)
-    size_mb = osp.getsize(args.out) / 2**20
     print(f'[train_digits] epochs={cfg.train_cfg.max_epochs} train_time={train_time:.1f}s '
           f'test_top1={top1:.2f}% checkpoint={args.out} ({size_mb:.2f} MiB)')
     return top1
