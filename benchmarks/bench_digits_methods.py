@@ -15,9 +15,8 @@ import copy
 import json
 import time
 
-import torch
 
-from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
+from mmbrecq.utils.demo import digits_benchmark_setup, top1_and_kl
 
 METHODS = {
     'nearest': None,
@@ -58,15 +57,7 @@ def main():
     args = p.parse_args()
 
     import mmbrecq  # noqa: F401  (registers the plugin)
-    from mmbrecq.reconstruction import CalibrationSet
-    torch.manual_seed(args.seed)
-    cfg, float_model = load_float_model()
-    calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', args.num_samples, 64, args.seed),
-                           tensor_forward)
-    test_batches = preprocessed_batches(cfg, float_model, 'test', None, 120)
-    with torch.no_grad():
-        fp_logits = [tensor_forward(float_model, b) for b in test_batches]
-    fp_top1, _ = top1_and_kl(float_model, test_batches, fp_logits)
+    cfg, float_model, calib, test_batches, fp_logits, fp_top1 = digits_benchmark_setup(args.num_samples, args.seed)
     print(f'digits test split (360 images), calibration {calib.num_samples} train images, '
           f'{args.iters} iterations per unit, seed {args.seed}')
     print(f'{"setting":8s} {"method":24s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')

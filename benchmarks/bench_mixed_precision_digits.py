@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
+from mmbrecq.utils.demo import digits_benchmark_setup, top1_and_kl
 
 
 def quantized(float_model, calib, w_bits, a_bits=4, mp=None):
@@ -80,15 +80,7 @@ def main():
     import mmbrecq  # noqa: F401
     from mmbrecq.mixed_precision import ModelSize, trace_layer_stats
     from mmbrecq.mixed_precision.plot import plot_tradeoff
-    from mmbrecq.reconstruction import CalibrationSet
-    torch.manual_seed(args.seed)
-    cfg, float_model = load_float_model()
-    calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', args.num_samples, 64, args.seed),
-                           tensor_forward)
-    test_batches = preprocessed_batches(cfg, float_model, 'test', None, 120)
-    with torch.no_grad():
-        fp_logits = [tensor_forward(float_model, b) for b in test_batches]
-    fp_top1, _ = top1_and_kl(float_model, test_batches, fp_logits)
+    cfg, float_model, calib, test_batches, fp_logits, fp_top1 = digits_benchmark_setup(args.num_samples, args.seed)
 
     # equivalent bits -> MB: ModelSize is linear in the bits of the searched layers
     ref, _ = quantized(float_model, calib, 2)

@@ -60,3 +60,18 @@ def top1_and_kl(model, batches, ref_logits):
         total += labels.numel()
         kl += float(F.kl_div(F.log_softmax(logits, 1), F.log_softmax(ref, 1), log_target=True, reduction='sum'))
     return 100.0 * correct / total, kl / total
+
+
+def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120):
+    """What the digits benchmarks start from: ``(cfg, float model, calibration set, test
+    batches, float test logits, float top-1)``; calibration from the augmented train split."""
+    from mmbrecq.reconstruction import CalibrationSet
+    torch.manual_seed(seed)
+    cfg, float_model = load_float_model()
+    calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', num_samples, calib_batch, seed),
+                           tensor_forward)
+    test_batches = preprocessed_batches(cfg, float_model, 'test', None, test_batch)
+    with torch.no_grad():
+        fp_logits = [tensor_forward(float_model, b) for b in test_batches]
+    fp_top1, _ = top1_and_kl(float_model, test_batches, fp_logits)
+    return cfg, float_model, calib, test_batches, fp_logits, fp_top1
