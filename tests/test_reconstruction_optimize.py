@@ -1,7 +1,6 @@
 """optimise_unit details: a chained unit's frozen input quantizer applied to its cache once."""
 import copy
 
-import pytest
 import torch
 from torch import nn
 
