@@ -13,13 +13,21 @@ DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
 
 
+def _config_scope(cfg):
+    """The config's registry scope, whatever scope an earlier runner in this process left
+    current (mmengine keeps the last Runner's ``default_scope`` as a global)."""
+    from mmengine.registry import DefaultScope
+    return DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmpretrain'))
+
+
 def load_float_model(config=DIGITS_CONFIG, checkpoint=DIGITS_CHECKPOINT):
     """``(cfg, model)``: an mmpretrain classifier with its float weights, in eval mode."""
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
     from mmpretrain.registry import MODELS
     cfg = Config.fromfile(config)
-    model = MODELS.build(cfg.model)
+    with _config_scope(cfg):
+        model = MODELS.build(cfg.model)
     load_checkpoint(model, checkpoint, map_location='cpu', logger='silent')
     return cfg, model.eval()
 
@@ -36,8 +44,10 @@ def preprocessed_batches(cfg, model, split, num_samples=None, batch_size=64, see
     loader_cfg.update(batch_size=batch_size, num_workers=0, persistent_workers=False)
     loader_cfg['sampler'] = dict(type='DefaultSampler', shuffle=split == 'train', seed=seed)
     out, n = [], 0
+    with _config_scope(cfg):
+        loader = Runner.build_dataloader(loader_cfg, seed=seed)
     with torch.no_grad():
-        for b in Runner.build_dataloader(loader_cfg, seed=seed):
+        for b in loader:
             out.append(model.data_preprocessor(b, training=False))
             n += out[-1]['inputs'].shape[0]
             if num_samples and n >= num_samples:
