@@ -52,10 +52,10 @@ def main():
     with torch.no_grad():
         for u in units:
             x = torch.randn(args.batch_size, *traces[u.name].in_shapes[0], device=device)
-            u.module(x)
+            u.forward(x)
             t0 = time.perf_counter()
             for _ in range(len(calib.batches)):
-                u.module(x)
+                u.forward(x)
             own[u.name] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

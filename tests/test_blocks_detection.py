@@ -54,6 +54,8 @@ def test_quantized_retinanet_towers_keep_stock_parameter_names():
     units = {u.name: u.kind for u in find_units(model)}
     assert units['bbox_head.cls_convs'] == units['bbox_head.reg_convs'] == 'HeadTower'
     assert 'bbox_head.cls_convs.0.conv' not in units
+    stem = next(u for u in find_units(model) if u.name == 'backbone.conv1')  # mmdet's ResNet stem
+    assert [type(m).__name__ for m in stem.tail] == ['Identity', 'ReLU', 'MaxPool2d']
     tower_keys = {k for k in float_keys if k.startswith(('bbox_head.cls_convs.', 'bbox_head.reg_convs.'))}
     assert tower_keys and tower_keys <= set(model.state_dict())  # e.g. bbox_head.cls_convs.0.conv.weight
     mmbrecq.calibrate_activations(model, batches, lambda m, b: m(b['inputs'], mode='tensor'))

@@ -92,6 +92,37 @@ def test_units_count_and_kinds(w8a8):
     assert sorted(covered) == sorted(quant_layers)
 
 
+STEM_TAILS = {'resnet18': ['Identity', 'ReLU', 'MaxPool2d'], 'resnet50': ['Identity', 'ReLU', 'MaxPool2d'],
+              'regnetx_400mf': ['Identity', 'ReLU'],  # RegNet's stem has no max-pool
+              'mobilenet_v2': []}
+
+
+def test_resnet_stem_unit_ends_where_layer1_starts(w8a8):
+    units = find_units(w8a8['model'])
+    assert [type(m).__name__ for m in units[0].tail] == STEM_TAILS[w8a8['name']]
+    assert all(not u.tail for u in units[1:])
+    if units[0].tail:  # the unit's output is what the first block reads
+        seen = {}
+        h = units[1].module.register_forward_pre_hook(lambda m, a: seen.setdefault('x', a[0].clone()))
+        set_quant_state(w8a8['model'], False, False)
+        try:
+            with torch.no_grad():
+                w8a8['model'](w8a8['x'][:2], mode='tensor')
+                assert torch.equal(units[0].forward(w8a8['x'][:2]), seen['x'])
+        finally:
+            h.remove()
+            set_quant_state(w8a8['model'], True, True)
+
+
+def test_deep_stem_has_no_tail():
+    from mmpretrain.models.backbones import ResNetV1c
+    rule = mmbrecq.blocks.MMPretrainResNetStemRule()
+    assert rule.layer_tail(ResNetV1c(depth=18), 'conv1') is None  # its stem is a Sequential
+    plain = _build(RESNET18).backbone
+    assert rule.layer_tail(plain, 'conv1') == ('bn1', 'relu', 'maxpool')
+    assert rule.layer_tail(plain, 'layer1') is None
+
+
 def test_every_conv_and_linear_swapped_in_place(w8a8):
     model = w8a8['model']
     for name, float_layer in w8a8['float_layers'].items():

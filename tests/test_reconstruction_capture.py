@@ -90,6 +90,31 @@ def test_op_between_units_breaks_the_chain(op):
     assert not traces['2'].chained
 
 
+@pytest.mark.parametrize('inplace', [False, True])
+def test_unit_with_tail_chains_to_the_next_unit(inplace):
+    model = _seq(nn.ReLU(inplace=inplace), nn.MaxPool2d(3, 1, 1))
+    units = [Unit('0', model[0], 'test', (model[1], model[2])), Unit('3', model[3], 'test')]
+    calib = CalibrationSet(_batches())
+    units, traces = probe_units(model, units, calib)
+    assert traces['3'].chained and units[0].tail
+    assert traces['0'].out_shapes == [(4, 8, 8)] and _hooks(model) == 0
+    seen = []
+    run_capture(model, units[0], calib, 1, on_output=lambda b, k, y: seen.append(y.clone()), need_output=True)
+    with torch.no_grad():
+        assert torch.equal(seen[0], model[2](model[1](model[0](calib.batches[0]))))
+
+
+def test_tail_the_model_does_not_run_is_dropped_with_a_warning(capsys):
+    model = _seq(nn.MaxPool2d(3, 1, 1))
+    wrong = nn.ReLU()  # not what the model runs after unit 0
+    units = [Unit('0', model[0], 'test', (wrong, )), Unit('2', model[2], 'test')]
+    units, traces = probe_units(model, units, CalibrationSet(_batches()))
+    assert units[0].tail == () and not traces['2'].chained
+    out = capsys.readouterr().out
+    assert "['0']" in out and 'without it' in out
+    assert _hooks(model) == 0 and len(wrong._forward_hooks) == 0
+
+
 def test_inplace_relu_same_object_values_changed_is_not_chained():
     """With ReLU(inplace=True) unit 2 receives the very tensor unit 0 returned (same
     object), modified in place: identity alone would wrongly call it chained."""
@@ -332,7 +357,10 @@ def test_carry_forward_equals_prefix_capture_resnet18():
     budget = CacheBudget('cpu', host_gb=1)   # plenty: caches are not freed in this test
     units, traces = probe_units(qmodel, rc.units_of(qmodel), calib)
     chained = [u.name for u in units if traces[u.name].chained]
-    assert chained == [f'backbone.layer{i}.{j}' for i in range(1, 5) for j in range(2)][1:]
+    # the stem unit ends at the max-pool (its tail), so layer1.0 reads its output directly
+    assert units[0].name == 'backbone.conv1' and [type(m).__name__ for m in units[0].tail] == [
+        'Identity', 'ReLU', 'MaxPool2d']
+    assert chained == [f'backbone.layer{i}.{j}' for i in range(1, 5) for j in range(2)]
 
     done, carry, compared = [], None, 0
     for i, unit in enumerate(units):
@@ -351,4 +379,4 @@ def test_carry_forward_equals_prefix_capture_resnet18():
         _freeze_randomly(unit, seed=i)
         done.append(unit)
         carry = dict(unit=unit, x_q=x_q, y_fp=y_fp)
-    assert compared == 7
+    assert compared == 8

@@ -1,8 +1,10 @@
-from .base import BlockRule, ResidualBlockRule
-from .classification import InvertedResidualRule, MMPretrainBasicBlockRule, MMPretrainBottleneckRule
-from .detection import MMDetBasicBlockRule, MMDetBottleneckRule
+from .base import BlockRule, ResidualBlockRule, ResNetStemRule
+from .classification import (InvertedResidualRule, MMPretrainBasicBlockRule, MMPretrainBottleneckRule,
+                             MMPretrainResNetStemRule)
+from .detection import MMDetBasicBlockRule, MMDetBottleneckRule, MMDetResNetStemRule
 
 __all__ = [
-    'BlockRule', 'ResidualBlockRule', 'MMPretrainBasicBlockRule',
-    'MMPretrainBottleneckRule', 'InvertedResidualRule', 'MMDetBasicBlockRule', 'MMDetBottleneckRule'
+    'BlockRule', 'ResidualBlockRule', 'ResNetStemRule', 'MMPretrainBasicBlockRule', 'MMPretrainBottleneckRule',
+    'MMPretrainResNetStemRule', 'InvertedResidualRule', 'MMDetBasicBlockRule', 'MMDetBottleneckRule',
+    'MMDetResNetStemRule'
 ]

@@ -54,6 +54,18 @@ class BlockRule:
         """The module that becomes the unit (default: the block itself, untouched)."""
         return module
 
+    def layer_tail(self, parent: nn.Module, name: str):
+        """Names of ``parent``'s parameter-free children that the model applies right after
+        the single layer ``parent.<name>`` (in order), or ``None``.
+
+        A layer unit with a tail is reconstructed on the tail's output. This is for layers
+        followed by fixed monotone ops before the next block (a ResNet stem: conv → BN →
+        ReLU → max-pool → ``layer1``): the next block's input is then the unit's output, so
+        this unit learns that block's input step (no input-gradient convolution in the
+        block's every step). The probe checks that the model really runs the tail.
+        """
+        return None
+
     def entry_layers(self, block: nn.Module, layer_names):
         """Names (relative to the block, in registration order) of layers fed by the input."""
         if not layer_names:
@@ -70,3 +82,19 @@ class ResidualBlockRule(BlockRule):
 
     shortcut_prefixes = ('downsample', )
 
+
+
+class ResNetStemRule(BlockRule):
+    """The plain ResNet stem ``conv1 → norm1 → relu → maxpool`` (not ``deep_stem``): the
+    conv is a layer unit whose tail is the BN (folded to identity), ReLU and max-pool,
+    the exact sequence ``ResNet.forward`` runs before ``layer1``."""
+
+    backbone_types: tuple = ()
+    kind = 'ResNetStem'
+
+    def layer_tail(self, parent, name):
+        types = tuple(t for t in (_resolve(p) for p in self.backbone_types) if t is not None)
+        if name != 'conv1' or not types or not isinstance(parent, types) or getattr(parent, 'deep_stem', True):
+            return None
+        # RegNet and the CIFAR ResNet have no max-pool: their stem ends at the ReLU
+        return tuple(n for n in (parent.norm1_name, 'relu', 'maxpool') if isinstance(getattr(parent, n, None), nn.Module))

@@ -1,6 +1,6 @@
 """Rules for the mmpretrain backbones the paper evaluates (ResNet family, RegNet, MobileNetV2)."""
 from mmbrecq.registry import BLOCK_RULES
-from .base import BlockRule, ResidualBlockRule
+from .base import BlockRule, ResidualBlockRule, ResNetStemRule
 
 
 @BLOCK_RULES.register_module()
@@ -15,6 +15,12 @@ class MMPretrainBottleneckRule(ResidualBlockRule):
     """mmpretrain ``Bottleneck`` and its subclasses (ResNet-50+, ResNeXt, RegNet)."""
     block_types = ('mmpretrain.models.backbones.resnet.Bottleneck', )
     kind = 'Bottleneck'
+
+
+@BLOCK_RULES.register_module()
+class MMPretrainResNetStemRule(ResNetStemRule):
+    """Stem of mmpretrain ``ResNet`` and its subclasses (ResNet-18…152, ResNeXt, …)."""
+    backbone_types = ('mmpretrain.models.backbones.resnet.ResNet', )
 
 
 @BLOCK_RULES.register_module()

@@ -10,7 +10,7 @@ changing the model's parameter names.
 from torch import nn
 
 from mmbrecq.registry import BLOCK_RULES
-from .base import BlockRule, ResidualBlockRule, _resolve
+from .base import BlockRule, ResidualBlockRule, ResNetStemRule, _resolve
 
 
 @BLOCK_RULES.register_module()
@@ -23,6 +23,11 @@ class MMDetBasicBlockRule(ResidualBlockRule):
 class MMDetBottleneckRule(ResidualBlockRule):
     block_types = ('mmdet.models.backbones.resnet.Bottleneck', )
     kind = 'Bottleneck'
+
+
+@BLOCK_RULES.register_module()
+class MMDetResNetStemRule(ResNetStemRule):
+    backbone_types = ('mmdet.models.backbones.resnet.ResNet', )
 
 
 class HeadTower(nn.ModuleList):

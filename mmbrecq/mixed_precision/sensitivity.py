@@ -232,7 +232,7 @@ def unit_error(unit, x_fp, y_fp, weights, calib) -> float:
     total = 0.0
     for k in range(len(y_fp)):
         for s, e in calib.chunks():
-            err = unit.module(x_fp[k].read(s, e)) - y_fp[k].read(s, e)
+            err = unit.forward(x_fp[k].read(s, e)) - y_fp[k].read(s, e)
             sq = err.pow(2)
             if weights is not None:
                 sq = sq * weights[k].read(s, e)

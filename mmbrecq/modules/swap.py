@@ -18,18 +18,37 @@ from .quant_layers import QuantLayerMixin, quant_twin
 from mmbrecq.utils.dist import shard_range_init
 
 UNIT_ATTR = '_mmbrecq_unit_kind'
+TAIL_ATTR = '_mmbrecq_unit_tail'
 
 
 @dataclass
 class Unit:
-    """One reconstruction unit: a block (several layers) or a single layer."""
+    """One reconstruction unit: a block (several layers) or a single layer.
+
+    ``tail``: parameter-free modules that the model runs right after the unit (a ResNet
+    stem conv's BN, ReLU and max-pool; see :meth:`BlockRule.layer_tail`). The unit's
+    output is then the tail's output: the next block reads it directly, so the stem
+    learns that block's input step, as every block learns its successor's.
+    """
     name: str
     module: nn.Module
     kind: str
+    tail: tuple = ()
 
     @property
     def is_block(self):
         return not isinstance(self.module, QuantLayerMixin)
+
+    @property
+    def exit(self) -> nn.Module:
+        """The module whose output is the unit's output (where output hooks go)."""
+        return self.tail[-1] if self.tail else self.module
+
+    def forward(self, x):
+        x = self.module(x)
+        for m in self.tail:
+            x = m(x)
+        return x
 
 
 def _quantize_block_input(block, args):
@@ -140,8 +159,11 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
                 setattr(child, UNIT_ATTR, rule.kind)
             elif quant_twin(child) is not None:
                 if not qcfg.is_skipped(name):
+                    tail = next((t for r in rules for t in [r.layer_tail(module, child_name)] if t), None)
                     qlayer = swap_layer(name, True)
                     setattr(qlayer, UNIT_ATTR, type(child).__name__)
+                    if tail:
+                        setattr(qlayer, TAIL_ATTR, tuple(tail))
             else:
                 visit(name + '.', child)
 
@@ -157,9 +179,19 @@ def find_units(model: nn.Module):
             continue
         kind = getattr(m, UNIT_ATTR, None)
         if kind is not None:
-            units.append(Unit(name, m, kind))
+            units.append(Unit(name, m, kind, _tail_modules(model, name, getattr(m, TAIL_ATTR, ()))))
             skip_prefix = name + '.'
     return units
+
+
+def _tail_modules(model, name, tail_names):
+    parent_name = name.rpartition('.')[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    tail = tuple(getattr(parent, n, None) for n in tail_names)
+    missing = [n for n, m in zip(tail_names, tail) if m is None]
+    if missing:
+        raise ValueError(f'unit {name!r}: its tail modules {missing} are not children of {parent_name!r}')
+    return tail
 
 
 def quantizers_of(module: nn.Module, role=None):

@@ -13,11 +13,13 @@ Three ways, cheapest first:
   in which units run, how often each is called per forward (shared heads run once per
   pyramid level), their shapes, and which units are chained.
 """
+import logging
 from dataclasses import dataclass, field
 
 import torch
+from mmengine.logging import print_log
 
-from mmbrecq.modules.swap import set_quant_state
+from mmbrecq.modules.swap import Unit, set_quant_state
 
 
 class StopForward(Exception):
@@ -96,6 +98,16 @@ def _rows_per_sample(t, n, unit_name, what):
     return t.shape[0] // n
 
 
+def _runs_tail(unit, module_outs, exit_outs) -> bool:
+    """Whether the model ran the unit's tail right after it, call for call."""
+    ok = len(module_outs) == len(exit_outs)
+    for x, y in zip(module_outs, exit_outs) if ok else ():
+        for m in unit.tail:
+            x = m(x)
+        ok = ok and x.shape == y.shape and torch.equal(x, y)
+    return ok
+
+
 @torch.no_grad()
 def probe_units(model, units, calib: CalibrationSet):
     """Run one float forward; return a :class:`UnitTrace` per unit, units sorted by execution."""
@@ -116,16 +128,28 @@ def probe_units(model, units, calib: CalibrationSet):
             values.setdefault(unit.name, []).append(out.detach().clone())
         return pre, post
 
+    tail_in = {}  # a tail unit's own module output, to check that the model runs the tail
     for u in units:
         pre, post = make_hooks(u)
         handles.append(u.module.register_forward_pre_hook(pre, prepend=True))
-        handles.append(u.module.register_forward_hook(post))
+        handles.append(u.exit.register_forward_hook(post))
+        if u.tail:
+            handles.append(u.module.register_forward_hook(
+                lambda m, a, out, name=u.name: tail_in.setdefault(name, []).append(out.detach().clone())))
     set_quant_state(model, False, False)
     try:
         calib.forward(model, calib.batches[0])
     finally:
         for h in handles:
             h.remove()
+    bad = [u for u in units if u.tail and u.name in order
+           and not _runs_tail(u, tail_in.get(u.name, []), values.get(u.name, []))]
+    if bad:  # a model whose forward differs from what the rule assumed: plain layer units
+        print_log(f'units {[u.name for u in bad]}: the model does not run the tail that their block rule '
+                  'names right after them; they are reconstructed without it', logger='current',
+                  level=logging.WARNING)
+        units = [Unit(u.name, u.module, u.kind) if u in bad else u for u in units]
+        return probe_units(model, units, calib)
     never = [u.name for u in units if u.name not in order]
     if never:
         raise RuntimeError(f'units never executed by a forward pass: {never}; skip them in '
@@ -172,7 +196,7 @@ def run_capture(model, unit, calib: CalibrationSet, calls, on_input=None, on_out
             raise StopForward
 
     h1 = unit.module.register_forward_pre_hook(pre, prepend=True)
-    h2 = unit.module.register_forward_hook(post)
+    h2 = unit.exit.register_forward_hook(post)
     try:
         with torch.no_grad():
             for b, batch in enumerate(calib.batches):

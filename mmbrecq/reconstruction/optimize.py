@@ -117,7 +117,7 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
             rec = zero
             for k in range(data.calls if len(idx) else 0):
                 x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
-                out = unit.module(x)
+                out = unit.forward(x)
                 if out_quantizer is not None:
                     out = out_quantizer(out)
                 rec = rec + reconstruction_loss(out, y, w)

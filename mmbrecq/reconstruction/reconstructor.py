@@ -143,12 +143,12 @@ class BlockReconstructor:
                     on_output if caches_out else None, need_output=caches_out is not None)
 
     @torch.no_grad()
-    def _carry(self, module, src, dst, calib, quantized):
-        """``dst = module(src)`` chunk by chunk along the calibration batches' boundaries."""
-        set_quant_state(module, quantized, quantized)
+    def _carry(self, unit, src, dst, calib, quantized):
+        """``dst = unit(src)`` chunk by chunk along the calibration batches' boundaries."""
+        set_quant_state(unit.module, quantized, quantized)
         for k in range(len(src)):
             for start, stop in calib.chunks():
-                dst[k].write(start, module(src[k].read(start, stop)))
+                dst[k].write(start, unit.forward(src[k].read(start, stop)))
 
     def _capture(self, qmodel, unit, trace, calib, budget, carry, done_units):
         mix = self.cfg['input_mix']
@@ -158,14 +158,14 @@ class BlockReconstructor:
         if chained:
             x_fp = carry['y_fp']
             if need_q:
-                self._carry(carry['unit'].module, carry['x_q'], x_q, calib, quantized=True)
+                self._carry(carry['unit'], carry['x_q'], x_q, calib, quantized=True)
         else:  # the float input is only kept when the optimisation reads it
             x_fp = self._alloc(budget, calib, trace.in_shapes, 'x_fp', trace.in_rows) if need_fp else None
             if need_q:
                 self._prefix_capture(qmodel, unit, trace, calib, x_q, None, done_units)
         y_fp = self._alloc(budget, calib, trace.out_shapes, 'y_fp', trace.out_rows)
         if chained:
-            self._carry(unit.module, x_fp, y_fp, calib, quantized=False)
+            self._carry(unit, x_fp, y_fp, calib, quantized=False)
         else:
             self._prefix_capture(qmodel, unit, trace, calib, x_fp, y_fp, None)
         return x_q, x_fp, y_fp
@@ -184,7 +184,7 @@ class BlockReconstructor:
                 leaves.append(leaf)
                 return leaf.clone()  # what follows may work in place (ReLU(inplace=True))
 
-            h = unit.module.register_forward_hook(detach_output)
+            h = unit.exit.register_forward_hook(detach_output)
             try:
                 with torch.enable_grad():
                     out = calib.forward(qmodel, batch)
