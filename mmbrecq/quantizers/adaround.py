@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mmbrecq.registry import MODELS, QUANTIZERS
+from .adaround_functional import rounding_loss, soft_weight
 from .uniform import UniformQuantizer
 
 ROUNDING_MODES = ('nearest', 'soft', 'hard')
@@ -65,17 +66,18 @@ class AdaRoundQuantizer(UniformQuantizer):
         return torch.clamp(torch.sigmoid(self.alpha) * (self.zeta - self.gamma) + self.gamma, 0, 1)
 
     def round_loss(self, beta: float) -> torch.Tensor:
-        """AdaRound's regulariser ``sum(1 - |2h - 1|^beta)``: pushes h to 0 or 1."""
-        return (1 - (2 * self.h() - 1).abs().pow(beta)).sum()
+        """AdaRound's regulariser ``sum(1 - |2h - 1|^beta)``: pushes h to 0 or 1
+        (one autograd node, see :mod:`.adaround_functional`)."""
+        return rounding_loss(self.alpha, self.zeta, self.gamma, beta)
 
     def quantize(self, w: torch.Tensor) -> torch.Tensor:
         if self.rounding == 'nearest':
             return super().quantize(w)
         s = self._broadcast(self.scale, w).detach()
         z = self._broadcast(self.zero_point, w)
-        w_floor = torch.floor(w.detach() / s)
-        offset = self.h() if self.rounding == 'soft' else (self.alpha >= 0).to(w.dtype)
-        q = torch.clamp(w_floor + offset + z, self.qmin, self.qmax)
+        if self.rounding == 'soft':
+            return soft_weight(self.alpha, w, s, z, self.qmin, self.qmax, self.zeta, self.gamma)
+        q = torch.clamp(torch.floor(w.detach() / s) + (self.alpha >= 0).to(w.dtype) + z, self.qmin, self.qmax)
         return (q - z) * s
 
     def integer_repr(self, w: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,68 @@
+"""AdaRound's soft weight and rounding regulariser, each as one autograd node.
+
+Written as compositions (``sigmoid → affine → clamp → + floor(w/s) → clamp → scale`` and
+``1 - |2h - 1|^β``) autograd records ~10 nodes per layer and replays as many backward
+kernels, each a pass over all the weights, every reconstruction step. Here the forward
+computes, under no-grad, the value *and* its derivative w.r.t. ``alpha`` (everything
+else is constant while a unit is optimised), so the graph holds one node and the
+backward is a single multiply. Same values, and the same gradient up to the order of
+the float multiplications (the composition in :class:`AdaRoundQuantizer` stays the
+reference and the tests compare the two).
+"""
+import torch
+
+
+def rectified_sigmoid(alpha, zeta, gamma):
+    """``(h, dh/dalpha)``: ``h = clamp(sigmoid(alpha)(zeta-gamma)+gamma, 0, 1)``; the
+    derivative is zero where the clamp is active (as autograd's clamp backward)."""
+    sig = torch.sigmoid(alpha)
+    h = sig * (zeta - gamma)
+    h.add_(gamma)
+    dh = sig.mul_(1 - sig).mul_(zeta - gamma)
+    dh.mul_((h >= 0) & (h <= 1))
+    return h.clamp_(0, 1), dh
+
+
+class _SoftWeight(torch.autograd.Function):
+    """``s * (clamp(floor(w/s) + h(alpha) + z, qmin, qmax) - z)``, differentiable in alpha."""
+
+    @staticmethod
+    def forward(ctx, alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
+        h, dh = rectified_sigmoid(alpha, zeta, gamma)
+        q = torch.floor(w / scale).add_(h).add_(zero_point)
+        dh.mul_((q >= qmin) & (q <= qmax)).mul_(scale)   # d w_q / d alpha
+        ctx.save_for_backward(dh)
+        return q.clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dw_dalpha, = ctx.saved_tensors
+        return grad * dw_dalpha, None, None, None, None, None, None, None
+
+
+def soft_weight(alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
+    """The soft-rounded weight; ``scale``/``zero_point`` broadcast against ``w`` (detached)."""
+    return _SoftWeight.apply(alpha, w.detach(), scale.detach(), zero_point.detach(), qmin, qmax, zeta, gamma)
+
+
+class _RoundingLoss(torch.autograd.Function):
+    """``sum(1 - |2h(alpha) - 1|^beta)`` and, computed in the same pass, its gradient."""
+
+    @staticmethod
+    def forward(ctx, alpha, zeta, gamma, beta):
+        h, dh = rectified_sigmoid(alpha, zeta, gamma)
+        t = h.mul_(2).sub_(1)
+        a = t.abs()
+        loss = (1 - a.pow(beta)).sum()
+        # d/dh (1 - |2h-1|^beta) = -2 beta |2h-1|^(beta-1) sign(2h-1)
+        ctx.save_for_backward(dh.mul_(a.pow_(beta - 1)).mul_(t.sign_()).mul_(-2 * beta))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        dloss_dalpha, = ctx.saved_tensors
+        return grad * dloss_dalpha, None, None, None
+
+
+def rounding_loss(alpha, zeta, gamma, beta):
+    return _RoundingLoss.apply(alpha, zeta, gamma, float(beta))
