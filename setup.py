@@ -21,6 +21,8 @@ setup(
     long_description=open(osp.join(osp.dirname(__file__), 'README.md')).read(),
     long_description_content_type='text/markdown',
     packages=find_packages(exclude=('tests', 'configs', 'tools', 'benchmarks')),
+    # C++ source of the fused CPU kernels, compiled on first use (mmbrecq/ops/cpu_kernels.py)
+    package_data={'mmbrecq.ops': ['csrc/*.cpp']},
     python_requires='>=3.9',
     install_requires=read_requirements('runtime.txt'),
     extras_require=dict(tests=read_requirements('tests.txt'), optional=read_requirements('optional.txt')),

@@ -1,5 +1,7 @@
 """probe_units (order, calls, shapes, chaining), run_capture (early stop, exact values) and
 carry-forward capture == prefix capture on a real ResNet-18."""
+import logging
+
 import pytest
 import torch
 from _models import build_classifier
@@ -104,14 +106,17 @@ def test_unit_with_tail_chains_to_the_next_unit(inplace):
         assert torch.equal(seen[0], model[2](model[1](model[0](calib.batches[0]))))
 
 
-def test_tail_the_model_does_not_run_is_dropped_with_a_warning(capsys):
+def test_tail_the_model_does_not_run_is_dropped_with_a_warning(monkeypatch):
+    import mmbrecq.reconstruction.capture as capture_mod
+    logged = []
+    monkeypatch.setattr(capture_mod, 'print_log', lambda msg, **kw: logged.append((msg, kw.get('level'))))
     model = _seq(nn.MaxPool2d(3, 1, 1))
     wrong = nn.ReLU()  # not what the model runs after unit 0
     units = [Unit('0', model[0], 'test', (wrong, )), Unit('2', model[2], 'test')]
     units, traces = probe_units(model, units, CalibrationSet(_batches()))
     assert units[0].tail == () and not traces['2'].chained
-    out = capsys.readouterr().out
-    assert "['0']" in out and 'without it' in out
+    assert len(logged) == 1 and "['0']" in logged[0][0] and 'without it' in logged[0][0]
+    assert logged[0][1] == logging.WARNING
     assert _hooks(model) == 0 and len(wrong._forward_hooks) == 0
 
 

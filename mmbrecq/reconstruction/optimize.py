@@ -12,7 +12,7 @@ import torch
 from mmbrecq.modules.swap import quantizers_of, set_quant_state, unit_layers
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
 from .distributed import StepSharding, broadcast_quantizers, mask_seed
-from .objective import RoundingSchedule, reconstruction_loss
+from .objective import RoundingSchedule, quantized_reconstruction_loss, reconstruction_loss
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -120,9 +120,10 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
             for k in range(data.calls if len(idx) else 0):
                 x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
                 out = unit.forward(x)
-                if out_quantizer is not None:
-                    out = out_quantizer(out)
-                rec = rec + reconstruction_loss(out, y, w)
+                if out_quantizer is not None:  # quantize the output inside the loss: one fused node
+                    rec = rec + quantized_reconstruction_loss(out, out_quantizer, y, w)
+                else:
+                    rec = rec + reconstruction_loss(out, y, w)
             beta = rounding(it) if use_round else None
             reg = zero if beta is None else cfg['lam'] * sum(q.round_loss(beta) for q in wq)
             rec, reg = shard.scale(rec, reg, share)

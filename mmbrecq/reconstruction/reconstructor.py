@@ -341,15 +341,16 @@ class BlockReconstructor:
             for c in x_fp:
                 c.free()
         rec = hist[:, 0]
+        kind = '+'.join([unit.kind] + [type(m).__name__ for m in unit.tail])  # e.g. Conv2d+ReLU+MaxPool2d
         record = dict(
-            name=unit.name, kind=unit.kind, calls=trace.calls, cache=where, status=status,
+            name=unit.name, kind=kind, calls=trace.calls, cache=where, status=status,
             chained=trace.chained, loss_start=float(rec[0]) if len(rec) else None,
             loss_end=float(rec[-50:].mean()) if len(rec) else None,
             round_end=float(hist[-1, 1]) if len(hist) else None,
             capture_s=t1 - t0, fisher_s=t2 - t1, optim_s=t3 - t2,
             history=hist[::max(1, len(hist) // 500)].tolist(), _carry=keep)
         print_log(
-            f'[{i + 1}] {unit.name} ({unit.kind}, {trace.calls} call{"s" * (trace.calls > 1)}'
+            f'[{i + 1}] {unit.name} ({kind}, {trace.calls} call{"s" * (trace.calls > 1)}'
             f'{", chained" if trace.chained else ""}) cache {where} | rec loss '
             f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
             f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)

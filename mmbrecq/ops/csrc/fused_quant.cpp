@@ -1,0 +1,468 @@
+// One-pass CPU kernels for the reconstruction hot loop (see mmbrecq/ops/cpu_kernels.py).
+//
+// Every kernel reads its inputs once and writes each output once. Values follow the
+// torch reference (mmbrecq/quantizers/functional.py, mmbrecq/reconstruction/objective.py)
+// operation by operation, in float32 and in the same order, so that element-wise results
+// are bit for bit the same (the build uses -ffp-contract=off: no fused multiply-add).
+// Reductions accumulate in double: per block of BLOCK elements (LANES independent
+// accumulators per sum, combined in a fixed order), then the block sums in block order.
+// The block partition does not depend on the number of threads, so the sums are
+// deterministic.
+//
+// Instruction sets: the build flags stay generic (the compiled module is cached on disk
+// and may be loaded on another CPU), and the hot loops are compiled three times, for the
+// baseline, AVX2 and AVX-512 (x86-64 with GCC), choosing one at run time from what the
+// CPU supports. This file includes itself for that: the part between the #else and the
+// #endif below is the loop code, compiled once per instruction set in its own namespace.
+// All versions execute the same IEEE operations in the same order, so they give the same
+// bits (tests compare them).
+#ifndef MMBRECQ_FUSED_QUANT_BODY
+
+// (the few headers needed rather than <torch/extension.h>: halves the first-use build time)
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+constexpr int64_t BLOCK = 1 << 15;  // elements per reduction block (and parallel grain)
+constexpr int CHUNK = 256;          // elements per inner chunk of a block
+constexpr int LANES = 8;            // independent double accumulators per sum
+
+struct Grid {
+  float s, z, qmin, qmax;
+};
+
+}  // namespace
+
+#define MMBRECQ_FUSED_QUANT_BODY
+namespace {
+namespace isa_base {
+#include __FILE__
+}  // namespace isa_base
+}  // namespace
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MMBRECQ_MULTI_ISA 1
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace {
+namespace isa_avx2 {
+#include __FILE__
+}  // namespace isa_avx2
+}  // namespace
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx2,avx512f,avx512bw,avx512vl,avx512dq")
+namespace {
+namespace isa_avx512 {
+#include __FILE__
+}  // namespace isa_avx512
+}  // namespace
+#pragma GCC pop_options
+#endif
+#undef MMBRECQ_FUSED_QUANT_BODY
+
+namespace {
+
+// -- instruction set dispatch ------------------------------------------------------------
+struct Kernels {
+  const char* name;
+  decltype(&isa_base::fake_quant) fake_quant;
+  decltype(&isa_base::backward_sum_into_dscale) backward_sum_into_dscale;
+  decltype(&isa_base::backward_sum) backward_sum;
+  decltype(&isa_base::backward_mask) backward_mask;
+  decltype(&isa_base::squared_error) squared_error;
+};
+
+#define MMBRECQ_KERNELS(ns)                                                                    \
+  Kernels {                                                                                    \
+    #ns, &ns::fake_quant, &ns::backward_sum_into_dscale, &ns::backward_sum, &ns::backward_mask, \
+        &ns::squared_error                                                                     \
+  }
+
+std::vector<Kernels> supported_kernels() {
+  std::vector<Kernels> k{MMBRECQ_KERNELS(isa_base)};
+#ifdef MMBRECQ_MULTI_ISA
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2")) {
+    k.push_back(MMBRECQ_KERNELS(isa_avx2));
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")) {
+      k.push_back(MMBRECQ_KERNELS(isa_avx512));
+    }
+  }
+#endif
+  return k;
+}
+
+const std::vector<Kernels>& all_kernels() {
+  static const std::vector<Kernels> k = supported_kernels();
+  return k;
+}
+
+int& level() {
+  static int l = static_cast<int>(all_kernels().size()) - 1;  // the best one
+  return l;
+}
+
+const Kernels& kernels() { return all_kernels()[level()]; }
+
+// names of the supported instruction set versions, baseline first
+std::vector<std::string> isa_names() {
+  std::vector<std::string> names;
+  for (const auto& k : all_kernels()) names.emplace_back(k.name);
+  return names;
+}
+
+// use version ``name`` (one of isa_names()); returns the one used before
+std::string set_isa(const std::string& name) {
+  const std::string before = kernels().name;
+  const auto& all = all_kernels();
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (name == all[i].name) {
+      level() = static_cast<int>(i);
+      return before;
+    }
+  }
+  TORCH_CHECK(false, "instruction set version ", name, " is not supported here");
+}
+
+std::string current_isa() { return kernels().name; }
+
+// -- tensor checks -----------------------------------------------------------------------
+Grid make_grid(double s, double z, int64_t qmin, int64_t qmax) {
+  return Grid{static_cast<float>(s), static_cast<float>(z), static_cast<float>(qmin),
+              static_cast<float>(qmax)};
+}
+
+void check_float_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == at::kFloat, name, " must be float32");
+}
+
+// A tensor whose elements occupy exactly numel() consecutive floats (contiguous,
+// channels-last, any permutation): element-wise kernels can then run on the raw buffer.
+at::Tensor dense(const at::Tensor& t) {
+  return t.is_non_overlapping_and_dense() ? t : t.contiguous();
+}
+
+// ``t`` laid out with the same strides as the dense ``like`` (one copy when they differ,
+// e.g. for the expanded gradient of a ``.sum()``).
+at::Tensor same_layout(const at::Tensor& t, const at::Tensor& like) {
+  TORCH_CHECK(t.sizes() == like.sizes(), "shapes differ: ", t.sizes(), " and ", like.sizes());
+  if (t.strides() == like.strides() && t.is_non_overlapping_and_dense()) return t;
+  return at::empty_like(like, t.options()).copy_(t);
+}
+
+// -- 1. fake-quant forward ---------------------------------------------------------------
+// Returns [out, dscale (if need_dscale), inside as bool (if need_mask)]; the optional
+// ones are undefined (None in Python) otherwise. Outputs have the layout of x when x is
+// dense (e.g. channels-last), contiguous otherwise.
+std::vector<at::Tensor> fake_quant_forward(const at::Tensor& x_, double s, double z, int64_t qmin,
+                                           int64_t qmax, bool need_dscale, bool need_mask) {
+  check_float_cpu(x_, "x");
+  const at::Tensor x = dense(x_);
+  at::Tensor out = at::empty_like(x);
+  at::Tensor dscale, mask;
+  if (need_dscale) dscale = at::empty_like(x);
+  if (need_mask) mask = at::empty_like(x, x.options().dtype(at::kBool));
+  kernels().fake_quant(x.data_ptr<float>(), out.data_ptr<float>(),
+                       need_dscale ? dscale.data_ptr<float>() : nullptr,
+                       need_mask ? reinterpret_cast<uint8_t*>(mask.data_ptr<bool>()) : nullptr,
+                       x.numel(), make_grid(s, z, qmin, qmax));
+  return {out, dscale, mask};
+}
+
+// -- 2. fake-quant backward --------------------------------------------------------------
+// grad_x = grad * inside (if need_grad_x) and sum(grad * dscale) (if dscale is given).
+// With dscale given, grad_x is written into dscale's buffer in the same sweep (each
+// element is read before it is overwritten): the caller owns that buffer from then on.
+std::tuple<at::Tensor, double> fake_quant_backward(const at::Tensor& grad_,
+                                                   const c10::optional<at::Tensor>& dscale_,
+                                                   const c10::optional<at::Tensor>& mask_,
+                                                   bool need_grad_x) {
+  check_float_cpu(grad_, "grad");
+  const bool has_d = dscale_.has_value() && dscale_->defined();
+  const bool has_m = mask_.has_value() && mask_->defined();
+  TORCH_CHECK(!need_grad_x || has_m, "grad_x needs the mask");
+  if (!has_d && !need_grad_x) return {at::Tensor(), 0.0};
+  const at::Tensor& ref = has_d ? *dscale_ : *mask_;
+  TORCH_CHECK(ref.is_non_overlapping_and_dense(), "saved buffers must be dense");
+  if (has_d) check_float_cpu(*dscale_, "dscale");
+  if (need_grad_x) {
+    TORCH_CHECK(mask_->scalar_type() == at::kBool, "mask must be bool");
+    TORCH_CHECK(mask_->sizes() == ref.sizes() && mask_->strides() == ref.strides(),
+                "mask and dscale layouts differ");
+  }
+  const at::Tensor grad = same_layout(grad_, ref);
+  const int64_t n = grad.numel();
+  const float* pg = grad.data_ptr<float>();
+  const uint8_t* pm =
+      need_grad_x ? reinterpret_cast<const uint8_t*>(mask_->data_ptr<bool>()) : nullptr;
+  if (has_d) {
+    float* pd = dscale_->data_ptr<float>();
+    if (need_grad_x) {
+      const double sum = kernels().backward_sum_into_dscale(pg, pd, pm, n);
+      return {*dscale_, sum};
+    }
+    return {at::Tensor(), kernels().backward_sum(pg, pd, n)};
+  }
+  at::Tensor grad_x = at::empty_like(ref, grad.options());
+  kernels().backward_mask(pg, pm, grad_x.data_ptr<float>(), n);
+  return {grad_x, 0.0};
+}
+
+// -- 3./4. (quantized) weighted squared error with its gradients -------------------------
+// Returns (sum of w * err^2 in double, d loss / d out or undefined, scale sum), where
+// err = fq(out) - target (or out - target without quantization). The gradient buffer is
+// ``(w * err * c) * inside`` with c = float32 2 / count, the torch nodes' expression for
+// an incoming gradient of 1; the scale sum is sum((w * err * c) * dscale).
+std::tuple<double, at::Tensor, double> squared_error_forward(
+    const at::Tensor& out_, const at::Tensor& target_, const c10::optional<at::Tensor>& weight_,
+    int64_t count, bool quantize, double s, double z, int64_t qmin, int64_t qmax, bool need_grad_out,
+    bool need_grad_scale) {
+  check_float_cpu(out_, "out");
+  check_float_cpu(target_, "target");
+  TORCH_CHECK(count > 0, "count must be positive");
+  const at::Tensor out = dense(out_);
+  const at::Tensor target = same_layout(target_, out);
+  const bool has_w = weight_.has_value() && weight_->defined();
+  at::Tensor weight;
+  if (has_w) {
+    check_float_cpu(*weight_, "weight");
+    weight = same_layout(*weight_, out);
+  }
+  at::Tensor grad_out;
+  if (need_grad_out) grad_out = at::empty_like(out);
+  const float c = 2.0f / static_cast<float>(count);
+  const auto r = kernels().squared_error(
+      out.numel(), out.data_ptr<float>(), target.data_ptr<float>(),
+      has_w ? weight.data_ptr<float>() : nullptr, need_grad_out ? grad_out.data_ptr<float>() : nullptr,
+      quantize, need_grad_scale && quantize, make_grid(s, z, qmin, qmax), c);
+  return {r[0], grad_out, r[1]};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // the kernels touch no Python object: other Python threads may run meanwhile
+  using release = py::call_guard<py::gil_scoped_release>;
+  m.def("fake_quant_forward", &fake_quant_forward, release(),
+        "fake-quant forward (+ LSQ dscale, grid mask)");
+  m.def("fake_quant_backward", &fake_quant_backward, release(),
+        "fake-quant backward: grad_x, sum(grad * dscale)");
+  m.def("squared_error_forward", &squared_error_forward, release(),
+        "(quantized) weighted squared error: loss sum, d loss / d out, scale gradient sum");
+  m.def("isa_names", &isa_names, "instruction set versions supported here, baseline first");
+  m.def("set_isa", &set_isa, "use one instruction set version (tests); returns the previous one");
+  m.def("current_isa", &current_isa, "the instruction set version in use");
+}
+
+#else  // MMBRECQ_FUSED_QUANT_BODY: the loop code, once per instruction set
+
+// Round half to even, as torch.round / std::nearbyint in the default rounding mode,
+// written so that it vectorises without SSE4.1: below 2^23, adding and removing 2^23
+// leaves the nearest integer (ties to even: the sum's last bit is the integer's parity);
+// from 2^23 on every float is an integer already (and inf / nan pass through).
+inline float round_half_even(float v) {
+  const float big = 8388608.0f;  // 2^23
+  const float a = std::fabs(v);
+  const float r = std::copysign((a + big) - big, v);
+  return a < big ? r : v;
+}
+
+// The fake quantizer on one element: ``xs = x / s``, the integer offset ``q`` from the
+// zero point, and whether ``round(xs) + z`` was on the grid (``in``; ``inside`` as 1.f / 0.f).
+struct FQ {
+  float xs, q, inside;
+  int in;
+};
+
+inline FQ fake_quant_elem(float x, const Grid& g) {
+  FQ e;
+  e.xs = x / g.s;
+  const float r = round_half_even(e.xs) + g.z;
+  e.in = (r >= g.qmin) & (r <= g.qmax);
+  // clamp(r, qmin, qmax); nan stays nan, as torch.clamp
+  const float lo = r < g.qmin ? g.qmin : r;
+  const float c = lo > g.qmax ? g.qmax : lo;
+  e.q = c - g.z;
+  e.inside = static_cast<float>(e.in);
+  return e;
+}
+
+// d out / d s (LSQ): ``q - xs * inside``, exactly the torch node's ``q.sub_(xs.mul_(inside))``
+inline float lsq_dscale(const FQ& e) { return e.q - e.xs * e.inside; }
+
+// Deterministic double sums over [0, n): the range is cut into blocks of BLOCK elements
+// (whatever the thread count), each block into chunks of CHUNK. ``f(begin, len, tmp)``
+// handles the elements [begin, begin + len): it writes its outputs and, for each of the
+// NSUM sums, the terms into tmp[k][0..len) (a plain element-wise loop, vectorised). The
+// terms go into LANES accumulators per sum, combined in a fixed order per block, then
+// the blocks in order.
+template <int NSUM, typename F>
+std::array<double, NSUM> block_sums(int64_t n, const F& f) {
+  const int64_t nblocks = (n + BLOCK - 1) / BLOCK;
+  std::vector<std::array<double, NSUM>> partial(nblocks);
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    double tmp[NSUM][CHUNK];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t begin = b * BLOCK, end = std::min(n, begin + BLOCK);
+      double acc[NSUM][LANES] = {};
+      for (int64_t c = begin; c < end; c += CHUNK) {
+        const int len = static_cast<int>(std::min<int64_t>(CHUNK, end - c));
+        f(c, len, tmp);
+        for (int k = 0; k < NSUM; ++k) {
+          int j = 0;
+          for (; j + LANES <= len; j += LANES) {
+            for (int l = 0; l < LANES; ++l) acc[k][l] += tmp[k][j + l];
+          }
+          for (int l = 0; j < len; ++j, ++l) acc[k][l] += tmp[k][j];
+        }
+      }
+      for (int k = 0; k < NSUM; ++k) {
+        double sum = 0.0;
+        for (int l = 0; l < LANES; ++l) sum += acc[k][l];
+        partial[b][k] = sum;
+      }
+    }
+  });
+  std::array<double, NSUM> total{};
+  for (int64_t b = 0; b < nblocks; ++b) {
+    for (int k = 0; k < NSUM; ++k) total[k] += partial[b][k];
+  }
+  return total;
+}
+
+// (restrict pointers and the grid by value: a uint8_t store may alias anything, which would
+// otherwise keep the loop from being vectorised)
+template <bool D, bool M>
+void fake_quant_range(const float* __restrict x, float* __restrict o, float* __restrict d,
+                      uint8_t* __restrict m, int64_t n, const Grid g) {
+  for (int64_t i = 0; i < n; ++i) {
+    const FQ e = fake_quant_elem(x[i], g);
+    o[i] = e.q * g.s;
+    if (D) d[i] = lsq_dscale(e);
+    if (M) m[i] = static_cast<uint8_t>(e.in);
+  }
+}
+
+// out = (clamp(round(x / s) + z, qmin, qmax) - z) * s; d (if not null) = LSQ's d out / d s;
+// m (if not null) = the grid mask
+void fake_quant(const float* x, float* o, float* d, uint8_t* m, int64_t n, Grid g) {
+  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+    const int64_t len = end - begin;
+    float* db = d ? d + begin : nullptr;
+    uint8_t* mb = m ? m + begin : nullptr;
+    if (d && m) {
+      fake_quant_range<true, true>(x + begin, o + begin, db, mb, len, g);
+    } else if (d) {
+      fake_quant_range<true, false>(x + begin, o + begin, db, mb, len, g);
+    } else if (m) {
+      fake_quant_range<false, true>(x + begin, o + begin, db, mb, len, g);
+    } else {
+      fake_quant_range<false, false>(x + begin, o + begin, db, mb, len, g);
+    }
+  });
+}
+
+// sum(g * d), and d := g * m in the same sweep
+double backward_sum_into_dscale(const float* pg, float* pd, const uint8_t* pm, int64_t n) {
+  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
+    const float* __restrict g = pg + c;
+    float* __restrict d = pd + c;
+    const uint8_t* __restrict m = pm + c;
+    double* __restrict t = tmp[0];
+    for (int j = 0; j < len; ++j) {
+      const float gj = g[j];
+      t[j] = static_cast<double>(gj * d[j]);
+      d[j] = gj * static_cast<float>(m[j] != 0);
+    }
+  })[0];
+}
+
+// sum(g * d)
+double backward_sum(const float* pg, const float* pd, int64_t n) {
+  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
+    const float* __restrict g = pg + c;
+    const float* __restrict d = pd + c;
+    double* __restrict t = tmp[0];
+    for (int j = 0; j < len; ++j) t[j] = static_cast<double>(g[j] * d[j]);
+  })[0];
+}
+
+// gx = g * m
+void backward_mask(const float* pg, const uint8_t* pm, float* px, int64_t n) {
+  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+    const float* __restrict g = pg + begin;
+    const uint8_t* __restrict m = pm + begin;
+    float* __restrict x = px + begin;
+    for (int64_t i = 0, len = end - begin; i < len; ++i) x[i] = g[i] * static_cast<float>(m[i] != 0);
+  });
+}
+
+template <bool Quant, bool HasW, bool GradOut, bool GradScale>
+std::array<double, 2> squared_error_impl(int64_t n, const float* po, const float* py, const float* pw,
+                                         float* pgo, const Grid g, const float c) {
+  constexpr int NSUM = GradScale ? 2 : 1;
+  const auto sums = block_sums<NSUM>(n, [&](int64_t c0, int len, double (*tmp)[CHUNK]) {
+    const float* __restrict o = po + c0;
+    const float* __restrict y = py + c0;
+    const float* __restrict w = HasW ? pw + c0 : nullptr;
+    float* __restrict go = GradOut ? pgo + c0 : nullptr;
+    double* __restrict t0 = tmp[0];
+    double* __restrict t1 = tmp[NSUM - 1];
+    for (int j = 0; j < len; ++j) {
+      float v = o[j];
+      FQ e{};
+      if (Quant) {
+        e = fake_quant_elem(v, g);
+        v = e.q * g.s;
+      }
+      const float err = v - y[j];
+      const float werr = HasW ? err * w[j] : err;
+      const float gq = werr * c;  // d loss / d fq(out), as the torch node's werr * (grad * 2 / count)
+      if (GradOut) go[j] = Quant ? gq * e.inside : gq;
+      t0[j] = static_cast<double>(werr) * static_cast<double>(err);
+      if (GradScale) t1[j] = static_cast<double>(gq * lsq_dscale(e));
+    }
+  });
+  return {sums[0], GradScale ? sums[NSUM - 1] : 0.0};
+}
+
+template <bool Quant, bool HasW>
+std::array<double, 2> squared_error_w(bool grad_out, bool grad_scale, int64_t n, const float* po,
+                                      const float* py, const float* pw, float* pgo, const Grid g,
+                                      const float c) {
+  if (grad_out) {
+    return grad_scale ? squared_error_impl<Quant, HasW, true, Quant>(n, po, py, pw, pgo, g, c)
+                      : squared_error_impl<Quant, HasW, true, false>(n, po, py, pw, pgo, g, c);
+  }
+  return grad_scale ? squared_error_impl<Quant, HasW, false, Quant>(n, po, py, pw, pgo, g, c)
+                    : squared_error_impl<Quant, HasW, false, false>(n, po, py, pw, pgo, g, c);
+}
+
+// [sum(w * err^2), sum((w * err * c) * dscale)] and, if pgo, d loss / d out for grad 1
+std::array<double, 2> squared_error(int64_t n, const float* po, const float* py, const float* pw,
+                                    float* pgo, bool quant, bool grad_scale, Grid g, float c) {
+  const bool grad_out = pgo != nullptr;
+  if (quant) {
+    return pw ? squared_error_w<true, true>(grad_out, grad_scale, n, po, py, pw, pgo, g, c)
+              : squared_error_w<true, false>(grad_out, grad_scale, n, po, py, pw, pgo, g, c);
+  }
+  return pw ? squared_error_w<false, true>(grad_out, false, n, po, py, pw, pgo, g, c)
+            : squared_error_w<false, false>(grad_out, false, n, po, py, pw, pgo, g, c);
+}
+
+#endif  // MMBRECQ_FUSED_QUANT_BODY
