@@ -19,8 +19,9 @@ def _soft_ref(alpha, w, s, z, qmin, qmax):
 def _setup(seed, shape=(16, 8, 3, 3), qmin=0, qmax=15, zp=7.0):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g)
-    s = torch.rand(shape[0], 1, 1, 1, generator=g) * 0.2 + 0.05
-    z = torch.full((shape[0], 1, 1, 1), zp)
+    grid_shape = (shape[0], ) + (1, ) * (len(shape) - 1)
+    s = torch.rand(grid_shape, generator=g) * 0.2 + 0.05
+    z = torch.full(grid_shape, zp)
     alpha = (torch.randn(shape, generator=g) * 4).requires_grad_(True)  # both clamps of h active
     return alpha, w, s, z, qmin, qmax
 
@@ -66,3 +67,43 @@ def test_no_gradient_to_the_weight_or_the_grid():
     out = soft_weight(alpha, w, s, z, qmin, qmax, ZETA, GAMMA)
     out.sum().backward()
     assert w.grad is None and s.grad is None and alpha.grad is not None
+
+
+@pytest.mark.parametrize('per_tensor', [False, True])
+def test_cpu_kernel_and_torch_code_agree(per_tensor):
+    from mmbrecq.ops import cpu_kernels
+    if not cpu_kernels.cpu_kernels_available():
+        pytest.skip(f'fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}')
+    alpha, w, s, z, qmin, qmax = _setup(4, shape=(6, 40001))  # several parallel blocks, odd tails
+    if per_tensor:
+        s, z = s[:1].reshape(()), z[:1].reshape(())
+    probe = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    results = []
+    for off in (False, True):
+        with cpu_kernels.disabled() if off else torch.enable_grad():
+            out = soft_weight(alpha, w, s, z, qmin, qmax, ZETA, GAMMA)
+            g_w, = torch.autograd.grad((out * probe).sum(), alpha)
+            loss = rounding_loss(alpha, ZETA, GAMMA, 9.5)
+            g_r, = torch.autograd.grad(loss, alpha)
+        results.append((out, g_w, loss, g_r))
+    (out_k, gw_k, loss_k, gr_k), (out_t, gw_t, loss_t, gr_t) = results
+    assert torch.equal(out_k, out_t)
+    torch.testing.assert_close(gw_k, gw_t, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(loss_k, loss_t, rtol=1e-6, atol=1e-2)
+    torch.testing.assert_close(gr_k, gr_t, rtol=1e-5, atol=1e-7)
+    assert (gr_k != 0).any() and (gw_k == 0).any()
+
+
+def test_cpu_kernel_refuses_a_grid_along_another_axis():
+    from mmbrecq.ops import cpu_kernels
+    alpha, w, *_ = _setup(6, shape=(4, 5))
+    assert cpu_kernels.adaround_channels(alpha, w, torch.ones(1, 5), torch.zeros(1, 5)) is None
+    assert cpu_kernels.adaround_channels(alpha.double(), w.double(), torch.ones(4, 1), torch.zeros(4, 1)) is None
+
+
+def test_second_backward_through_the_same_graph_fails_loudly():
+    alpha, w, s, z, qmin, qmax = _setup(7)
+    out = soft_weight(alpha, w, s, z, qmin, qmax, ZETA, GAMMA)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match='inplace'):
+        out.sum().backward()

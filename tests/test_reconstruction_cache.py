@@ -140,6 +140,15 @@ def test_round_trip(where, tmp_path):
     assert torch.equal(g.cpu(), x[idx])
     # an index on the host works whatever the placement
     assert torch.equal(cache.gather(idx).cpu(), x[idx])
+    # the optimisation loop's reused batch buffer: same values, one buffer per batch size
+    first = cache.gather(idx, reuse=True)
+    again = cache.gather(idx.flip(0), reuse=True)
+    assert torch.equal(again.cpu(), x[idx.flip(0)])
+    if dev.type == 'cpu' or where == 'device':
+        assert again.data_ptr() == first.data_ptr()          # the previous batch is overwritten
+        assert torch.equal(first.cpu(), x[idx.flip(0)])
+        assert cache.gather(idx).data_ptr() != again.data_ptr()  # without reuse: a fresh tensor
+    assert torch.equal(cache.gather(idx[:2], reuse=True).cpu(), x[idx[:2]])  # another size
     cache.free()
     assert budget.used == {'device': 0, 'host': 0, 'disk': 0}
     assert _bins(tmp_path) == []

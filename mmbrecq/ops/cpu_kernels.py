@@ -200,6 +200,44 @@ def squared_error_forward(out, target, weight, count, quant=None, need_grad_out=
     return loss, grad_out, scale_sum
 
 
+def adaround_channels(alpha, w, scale, zero_point):
+    """``(scale, zero_point)`` as contiguous per-output-channel vectors when the AdaRound
+    kernels can take these tensors (float32 CPU, alpha contiguous, grid per channel of dim 0
+    or per tensor, kernels built, not tracing), else ``None``."""
+    if under_tracing() or not kernel_tensor_ok(alpha, w) or not alpha.is_contiguous() or w.dim() == 0:
+        return None
+    channels = w.shape[0]
+    vecs = []
+    for t in (scale, zero_point):
+        if t.device.type != 'cpu' or t.dtype != torch.float32 or t.dim() > w.dim():
+            return None
+        if t.numel() == 1:
+            vecs.append(t.reshape(1).expand(channels).contiguous())
+        elif t.numel() == channels and t.dim() == w.dim() and t.shape[0] == channels:
+            vecs.append(t.reshape(channels).contiguous())
+        else:
+            return None
+    return tuple(vecs) if get_cpu_kernels() is not None else None
+
+
+def adaround_soft_forward(alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
+    """``(w_q, d w_q / d alpha)`` of AdaRound's soft weight in one sweep after torch's
+    sigmoid; ``scale``/``zero_point`` from :func:`adaround_channels`."""
+    sig = torch.sigmoid(alpha)
+    return tuple(get_cpu_kernels().adaround_soft_forward(sig, w.contiguous(), scale, zero_point, zeta - gamma,
+                                                         gamma, int(qmin), int(qmax)))
+
+
+def adaround_rounding_loss(alpha, zeta, gamma, beta):
+    """``(sum(1 - |2h - 1|^beta) as a float, its gradient w.r.t. alpha)``: torch's sigmoid
+    and pow (vectorised transcendentals) around two one-sweep kernels."""
+    mod = get_cpu_kernels()
+    sig = torch.sigmoid(alpha)
+    p = mod.adaround_offset(sig, zeta - gamma, gamma).pow_(beta - 1)  # |2h - 1|^(beta-1)
+    loss = mod.adaround_reg(sig, p, zeta - gamma, gamma, beta)
+    return loss, p
+
+
 def build_seconds():
     """Seconds the first :func:`get_cpu_kernels` took (compile or cache load), ``None`` before."""
     return _state['build_seconds']

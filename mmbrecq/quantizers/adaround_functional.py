@@ -11,6 +11,8 @@ reference and the tests compare the two).
 """
 import torch
 
+from mmbrecq.ops import cpu_kernels
+
 
 def rectified_sigmoid(alpha, zeta, gamma):
     """``(h, dh/dalpha)``: ``h = clamp(sigmoid(alpha)(zeta-gamma)+gamma, 0, 1)``; the
@@ -23,11 +25,26 @@ def rectified_sigmoid(alpha, zeta, gamma):
     return h.clamp_(0, 1), dh
 
 
+def _times(saved, grad):
+    """``saved * grad``, written over ``saved`` (a buffer only this node holds) unless a
+    graph of the gradient is being built; its version is bumped, so that a second backward
+    through the same graph fails loudly instead of reading the overwritten buffer."""
+    if torch.is_grad_enabled():
+        return saved * grad
+    torch.autograd.graph.increment_version(saved)
+    return saved.mul_(grad)
+
+
 class _SoftWeight(torch.autograd.Function):
     """``s * (clamp(floor(w/s) + h(alpha) + z, qmin, qmax) - z)``, differentiable in alpha."""
 
     @staticmethod
     def forward(ctx, alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
+        grid = cpu_kernels.adaround_channels(alpha, w, scale, zero_point)
+        if grid is not None:  # CPU: one sweep after torch's sigmoid, same operations and order
+            out, dw_dalpha = cpu_kernels.adaround_soft_forward(alpha, w, *grid, qmin, qmax, zeta, gamma)
+            ctx.save_for_backward(dw_dalpha)
+            return out
         h, dh = rectified_sigmoid(alpha, zeta, gamma)
         q = torch.floor(w / scale).add_(h).add_(zero_point)
         dh.mul_((q >= qmin) & (q <= qmax)).mul_(scale)   # d w_q / d alpha
@@ -37,7 +54,7 @@ class _SoftWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dw_dalpha, = ctx.saved_tensors
-        return grad * dw_dalpha, None, None, None, None, None, None, None
+        return _times(dw_dalpha, grad), None, None, None, None, None, None, None
 
 
 def soft_weight(alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
@@ -50,6 +67,11 @@ class _RoundingLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, zeta, gamma, beta):
+        if cpu_kernels.adaround_channels(alpha, alpha, alpha.new_ones(()), alpha.new_zeros(())) is not None:
+            # CPU: |2h-1|^beta as |2h-1| * |2h-1|^(beta-1) (the pow the gradient needs anyway)
+            loss, grad = cpu_kernels.adaround_rounding_loss(alpha, zeta, gamma, beta)
+            ctx.save_for_backward(grad)
+            return alpha.new_tensor(loss)
         h, dh = rectified_sigmoid(alpha, zeta, gamma)
         t = h.mul_(2).sub_(1)
         a = t.abs()
@@ -61,7 +83,7 @@ class _RoundingLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         dloss_dalpha, = ctx.saved_tensors
-        return grad * dloss_dalpha, None, None, None
+        return _times(dloss_dalpha, grad), None, None, None
 
 
 def rounding_loss(alpha, zeta, gamma, beta):

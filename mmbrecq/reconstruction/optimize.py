@@ -42,15 +42,16 @@ class UnitData:
         return f'{mib:.0f} MiB on {"+".join(places)}'
 
     def batch(self, k, idx, input_mix, keep_q_prob):
+        """One step's batch of call ``k``: valid until the next call (buffers are reused)."""
         if input_mix == 'fp':
-            x = self.x_fp[k].gather(idx)
+            x = self.x_fp[k].gather(idx, reuse=True)
         elif input_mix == 'quant':
-            x = self.x_q[k].gather(idx)
+            x = self.x_q[k].gather(idx, reuse=True)
         else:  # qdrop: element-wise random choice of quantized / float input
-            xq, xf = self.x_q[k].gather(idx), self.x_fp[k].gather(idx)
+            xq, xf = self.x_q[k].gather(idx, reuse=True), self.x_fp[k].gather(idx, reuse=True)
             x = torch.where(torch.rand_like(xq) < keep_q_prob, xq, xf)
-        w = self.weight[k].gather(idx) if self.weight else None
-        return x, self.y_fp[k].gather(idx), w
+        w = self.weight[k].gather(idx, reuse=True) if self.weight else None
+        return x, self.y_fp[k].gather(idx, reuse=True), w
 
 
 def entry_quantizer(unit):

@@ -82,12 +82,15 @@ struct Kernels {
   decltype(&isa_base::backward_sum) backward_sum;
   decltype(&isa_base::backward_mask) backward_mask;
   decltype(&isa_base::squared_error) squared_error;
+  decltype(&isa_base::adaround_soft) adaround_soft;
+  decltype(&isa_base::adaround_offset) adaround_offset;
+  decltype(&isa_base::adaround_reg) adaround_reg;
 };
 
 #define MMBRECQ_KERNELS(ns)                                                                    \
   Kernels {                                                                                    \
     #ns, &ns::fake_quant, &ns::backward_sum_into_dscale, &ns::backward_sum, &ns::backward_mask, \
-        &ns::squared_error                                                                     \
+        &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset, &ns::adaround_reg        \
   }
 
 std::vector<Kernels> supported_kernels() {
@@ -253,6 +256,51 @@ std::tuple<double, at::Tensor, double> squared_error_forward(
   return {r[0], grad_out, r[1]};
 }
 
+// -- 5. AdaRound (sigmoid and pow stay torch's vectorised ones; the glue is one sweep) ----
+// Soft weight: from sig = sigmoid(alpha) and the weight (both contiguous, channel-major:
+// channel c = element / inner), writes w_q = s * (clamp(floor(w/s) + h + z, qmin, qmax) - z)
+// into a new tensor and d w_q / d alpha into sig's buffer (returned as the second output).
+std::vector<at::Tensor> adaround_soft_forward(at::Tensor sig, const at::Tensor& w, const at::Tensor& s,
+                                              const at::Tensor& z, double zeta_gamma, double gamma,
+                                              int64_t qmin, int64_t qmax) {
+  check_float_cpu(sig, "sig");
+  check_float_cpu(w, "w");
+  check_float_cpu(s, "scale");
+  check_float_cpu(z, "zero_point");
+  TORCH_CHECK(sig.is_contiguous() && w.is_contiguous() && s.is_contiguous() && z.is_contiguous(),
+              "adaround_soft_forward needs contiguous tensors");
+  TORCH_CHECK(sig.sizes() == w.sizes(), "alpha and weight shapes differ");
+  const int64_t n = w.numel(), channels = s.numel();
+  TORCH_CHECK(channels > 0 && z.numel() == channels && n % channels == 0, "one scale and zero point per channel");
+  at::Tensor wq = at::empty_like(w);
+  kernels().adaround_soft(sig.data_ptr<float>(), w.data_ptr<float>(), s.data_ptr<float>(), z.data_ptr<float>(),
+                          wq.data_ptr<float>(), n, n / channels, static_cast<float>(zeta_gamma),
+                          static_cast<float>(gamma), static_cast<float>(qmin), static_cast<float>(qmax));
+  return {wq, sig};
+}
+
+// Rounding loss, step 1: |2 h - 1| (a new tensor) from sig = sigmoid(alpha)
+at::Tensor adaround_offset(const at::Tensor& sig, double zeta_gamma, double gamma) {
+  check_float_cpu(sig, "sig");
+  TORCH_CHECK(sig.is_contiguous(), "sig must be contiguous");
+  at::Tensor t = at::empty_like(sig);
+  kernels().adaround_offset(sig.data_ptr<float>(), t.data_ptr<float>(), sig.numel(), static_cast<float>(zeta_gamma),
+                            static_cast<float>(gamma));
+  return t;
+}
+
+// Rounding loss, step 2: with p = |t|^(beta-1), t = 2 h - 1 (recomputed from sig), returns
+// sum(1 - |t| p) (in double) and writes d loss / d alpha = dh * p * sign(t) * (-2 beta) into p.
+double adaround_reg(const at::Tensor& sig, at::Tensor p, double zeta_gamma, double gamma, double beta) {
+  check_float_cpu(sig, "sig");
+  check_float_cpu(p, "p");
+  TORCH_CHECK(sig.is_contiguous() && p.is_contiguous(), "contiguous tensors needed");
+  TORCH_CHECK(sig.numel() == p.numel(), "sizes differ");
+  return kernels().adaround_reg(sig.data_ptr<float>(), p.data_ptr<float>(), sig.numel(),
+                                static_cast<float>(zeta_gamma), static_cast<float>(gamma),
+                                static_cast<float>(-2.0 * beta));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -264,6 +312,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fake-quant backward: grad_x, sum(grad * dscale)");
   m.def("squared_error_forward", &squared_error_forward, release(),
         "(quantized) weighted squared error: loss sum, d loss / d out, scale gradient sum");
+  m.def("adaround_soft_forward", &adaround_soft_forward, release(),
+        "AdaRound soft weight and its alpha-derivative (into sig's buffer)");
+  m.def("adaround_offset", &adaround_offset, release(), "AdaRound |2 h - 1| from sigmoid(alpha)");
+  m.def("adaround_reg", &adaround_reg, release(), "AdaRound rounding loss and its alpha-gradient (into p)");
   m.def("isa_names", &isa_names, "instruction set versions supported here, baseline first");
   m.def("set_isa", &set_isa, "use one instruction set version (tests); returns the previous one");
   m.def("current_isa", &current_isa, "the instruction set version in use");
@@ -463,6 +515,70 @@ std::array<double, 2> squared_error(int64_t n, const float* po, const float* py,
   }
   return pw ? squared_error_w<false, true>(grad_out, false, n, po, py, pw, pgo, g, c)
             : squared_error_w<false, false>(grad_out, false, n, po, py, pw, pgo, g, c);
+}
+
+// -- AdaRound ------------------------------------------------------------------------------
+// h = clamp(sig * (zeta - gamma) + gamma, 0, 1); d h / d alpha = sig (1 - sig) (zeta - gamma)
+// where the clamp is inactive (inclusive bounds, as torch.clamp's backward)
+struct Rect {
+  float h, dh;
+};
+
+inline Rect rectified(float sg, float zg, float gamma) {
+  const float hr = sg * zg + gamma;
+  const float in = static_cast<float>((hr >= 0.f) & (hr <= 1.f));
+  const float lo = hr < 0.f ? 0.f : hr;
+  return Rect{lo > 1.f ? 1.f : lo, ((sg * (1.f - sg)) * zg) * in};
+}
+
+// w_q and, over sig, d w_q / d alpha (see adaround_soft_forward); in the order of the torch
+// node in mmbrecq/quantizers/adaround_functional.py
+void adaround_soft(float* psig, const float* pw, const float* ps, const float* pz, float* pwq, int64_t n,
+                   int64_t inner, float zg, float gamma, float qmin, float qmax) {
+  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t c = i / inner, stop = std::min(end, (c + 1) * inner);
+      const float s = ps[c], z = pz[c];
+      float* __restrict sig = psig;
+      const float* __restrict w = pw;
+      float* __restrict wq = pwq;
+      for (int64_t j = i; j < stop; ++j) {
+        const Rect r = rectified(sig[j], zg, gamma);
+        const float q = (std::floor(w[j] / s) + r.h) + z;
+        const float qin = static_cast<float>((q >= qmin) & (q <= qmax));
+        const float lo = q < qmin ? qmin : q;
+        wq[j] = ((lo > qmax ? qmax : lo) - z) * s;
+        sig[j] = (r.dh * qin) * s;
+      }
+      i = stop;
+    }
+  });
+}
+
+// |t| with t = 2 h - 1
+void adaround_offset(const float* psig, float* pt, int64_t n, float zg, float gamma) {
+  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+    const float* __restrict sig = psig;
+    float* __restrict t = pt;
+    for (int64_t j = begin; j < end; ++j) t[j] = std::fabs(rectified(sig[j], zg, gamma).h * 2.f - 1.f);
+  });
+}
+
+// sum(1 - |t| p) and p := dh * p * sign(t) * m2b (m2b = -2 beta)
+double adaround_reg(const float* psig, float* pp, int64_t n, float zg, float gamma, float m2b) {
+  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
+    const float* __restrict sig = psig + c;
+    float* __restrict p = pp + c;
+    double* __restrict acc = tmp[0];
+    for (int j = 0; j < len; ++j) {
+      const Rect r = rectified(sig[j], zg, gamma);
+      const float tj = r.h * 2.f - 1.f, pj = p[j];
+      const float sign = static_cast<float>((tj > 0.f) - (tj < 0.f));
+      acc[j] = static_cast<double>(1.f - std::fabs(tj) * pj);
+      p[j] = ((r.dh * pj) * sign) * m2b;
+    }
+  })[0];
 }
 
 #endif  // MMBRECQ_FUSED_QUANT_BODY
