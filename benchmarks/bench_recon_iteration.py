@@ -54,7 +54,7 @@ def main():
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--res', type=int, default=224)
-    p.add_argument('--rounds', type=int, default=5,
+    p.add_argument('--rounds', type=int, default=10,
                    help='alternating rounds of baseline and ours; the minimum of each is kept, which '
                         'filters out interference from other processes')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
