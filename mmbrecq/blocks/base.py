@@ -83,7 +83,6 @@ class ResidualBlockRule(BlockRule):
     shortcut_prefixes = ('downsample', )
 
 
-
 class ResNetStemRule(BlockRule):
     """The plain ResNet stem ``conv1 → norm1 → relu → maxpool`` (not ``deep_stem``): the
     conv is a layer unit whose tail is the BN (folded to identity), ReLU and max-pool,
@@ -97,4 +96,5 @@ class ResNetStemRule(BlockRule):
         if name != 'conv1' or not types or not isinstance(parent, types) or getattr(parent, 'deep_stem', True):
             return None
         # RegNet and the CIFAR ResNet have no max-pool: their stem ends at the ReLU
-        return tuple(n for n in (parent.norm1_name, 'relu', 'maxpool') if isinstance(getattr(parent, n, None), nn.Module))
+        names = (parent.norm1_name, 'relu', 'maxpool')
+        return tuple(n for n in names if isinstance(getattr(parent, n, None), nn.Module))

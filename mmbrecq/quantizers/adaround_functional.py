@@ -5,9 +5,10 @@ Written as compositions (``sigmoid → affine → clamp → + floor(w/s) → cla
 kernels, each a pass over all the weights, every reconstruction step. Here the forward
 computes, under no-grad, the value *and* its derivative w.r.t. ``alpha`` (everything
 else is constant while a unit is optimised), so the graph holds one node and the
-backward is a single multiply. Same values, and the same gradient up to the order of
-the float multiplications (the composition in :class:`AdaRoundQuantizer` stays the
-reference and the tests compare the two).
+backward is a single multiply. On CPU the elementwise glue around torch's vectorised
+sigmoid and pow is one sweep of a compiled kernel (:mod:`mmbrecq.ops.cpu_kernels`). The
+soft weight equals the composed formula bit for bit, the gradients up to the order of
+the float multiplications (tests/test_quantizers_adaround_functional.py compares them).
 """
 import torch
 
