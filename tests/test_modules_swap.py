@@ -123,6 +123,14 @@ def test_deep_stem_has_no_tail():
     assert rule.layer_tail(plain, 'layer1') is None
 
 
+def test_tail_naming_a_missing_module_is_an_error_naming_the_unit():
+    from mmbrecq.modules.swap import TAIL_ATTR
+    model = _quantized(RESNET18, calib=False)
+    setattr(model.backbone.conv1, TAIL_ATTR, ('bn1', 'relu', 'no_such_pool'))
+    with pytest.raises(ValueError, match=r"'backbone.conv1'.*\['no_such_pool'\]"):
+        find_units(model)
+
+
 def test_every_conv_and_linear_swapped_in_place(w8a8):
     model = w8a8['model']
     for name, float_layer in w8a8['float_layers'].items():

@@ -70,10 +70,14 @@ def test_no_gradient_to_the_weight_or_the_grid():
 
 
 @pytest.mark.parametrize('per_tensor', [False, True])
-def test_cpu_kernel_and_torch_code_agree(per_tensor):
+def test_cpu_kernel_and_torch_code_agree(per_tensor, monkeypatch):
     from mmbrecq.ops import cpu_kernels
     if not cpu_kernels.cpu_kernels_available():
         pytest.skip(f'fused CPU kernels unavailable: {cpu_kernels.unavailable_reason()}')
+    calls = []
+    for fn in ('adaround_soft_forward', 'adaround_rounding_loss'):  # count the kernel runs
+        real = getattr(cpu_kernels, fn)
+        monkeypatch.setattr(cpu_kernels, fn, lambda *a, _real=real, _fn=fn: calls.append(_fn) or _real(*a))
     alpha, w, s, z, qmin, qmax = _setup(4, shape=(6, 40001))  # several parallel blocks, odd tails
     if per_tensor:
         s, z = s[:1].reshape(()), z[:1].reshape(())
@@ -86,6 +90,7 @@ def test_cpu_kernel_and_torch_code_agree(per_tensor):
             loss = rounding_loss(alpha, ZETA, GAMMA, 9.5)
             g_r, = torch.autograd.grad(loss, alpha)
         results.append((out, g_w, loss, g_r))
+    assert calls == ['adaround_soft_forward', 'adaround_rounding_loss']  # kernels in run 1 only
     (out_k, gw_k, loss_k, gr_k), (out_t, gw_t, loss_t, gr_t) = results
     assert torch.equal(out_k, out_t)
     torch.testing.assert_close(gw_k, gw_t, rtol=1e-6, atol=1e-9)

@@ -306,6 +306,29 @@ def _blocky():
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
 
 
+class _CifarNet(nn.Module):
+    """mmpretrain's CIFAR ResNet (stem conv → BN → ReLU → layer1, no max-pool) + a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        from mmpretrain.models.backbones import ResNet_CIFAR
+        torch.manual_seed(0)
+        self.backbone = ResNet_CIFAR(depth=18, stem_channels=8, base_channels=8, num_stages=2, strides=(1, 2),
+                                     dilations=(1, 1), out_indices=(1, ))
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[-1].mean((2, 3)))
+
+
+def test_stem_unit_with_tail_is_logged_and_feeds_layer1_directly():
+    model = _quantized(lambda: _CifarNet().eval())
+    records = mmbrecq.reconstruct(model, _batches(), dict(BASE, loss='fisher_diag'))
+    assert records[0]['name'] == 'backbone.conv1' and records[0]['kind'] == 'Conv2d+Identity+ReLU'
+    assert records[1]['name'] == 'backbone.layer1.0' and records[1]['chained']
+    assert all(r['status'] == 'ok' for r in records)
+
+
 @pytest.mark.parametrize('granularity', ['block', 'layer'])
 def test_granularity(granularity):
     model = _quantized(_blocky)

@@ -75,6 +75,19 @@ def strip_checkpoint(runner, metrics, train_time):
     return dict(meta=meta, state_dict=weights_to_cpu(get_state_dict(model)))
 
 
+def config_from_args(args):
+    """The training config with the command line's work dir, ``--epochs`` and ``--seed``."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(args.config)
+    cfg.work_dir = args.work_dir
+    if args.epochs is not None:
+        set_epochs(cfg, args.epochs)
+    if args.seed is not None:
+        cfg.randomness.seed = args.seed
+    return cfg
+
+
 def train_test_save(cfg, out, meta_update=None):
     """Train ``cfg`` with mmengine's Runner, test it, write the stripped checkpoint to ``out``.
 
@@ -100,15 +113,7 @@ def train_test_save(cfg, out, meta_update=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config
-
-    cfg = Config.fromfile(args.config)
-    cfg.work_dir = args.work_dir
-    if args.epochs is not None:
-        set_epochs(cfg, args.epochs)
-    if args.seed is not None:
-        cfg.randomness.seed = args.seed
-
+    cfg = config_from_args(args)
     metrics, train_time, _, size_mb = train_test_save(cfg, args.out)
     top1 = metrics['accuracy/top1']
     print(f'[train_digits] epochs={cfg.train_cfg.max_epochs} train_time={train_time:.1f}s '

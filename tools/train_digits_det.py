@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(1, osp.join(ROOT, 'tools'))
 
 import mmbrecq  # noqa: E402,F401  (torch>=2.6 checkpoint-loading fix, registries)
-from train_digits import set_epochs, train_test_save  # noqa: E402
+from train_digits import config_from_args, train_test_save  # noqa: E402
 
 MODELS = dict(
     retinanet=('digits_retinanet_float.py', 'checkpoints/digits_retinanet_float.pth'),
@@ -54,16 +54,10 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import mmdet
-    from mmengine.config import Config
 
-    cfg = Config.fromfile(args.config)
-    cfg.work_dir = args.work_dir
-    if args.epochs is not None:
-        set_epochs(cfg, args.epochs)
+    cfg = config_from_args(args)
     # evaluate once, by runner.test(), not also by a validation at the last epoch
     cfg.train_cfg.val_interval = cfg.train_cfg.max_epochs + 1
-    if args.seed is not None:
-        cfg.randomness.seed = args.seed
 
     def detector_meta(meta):
         meta.pop('mmpretrain_version', None)

@@ -30,7 +30,8 @@ import time
 import torch
 
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
-           'scalar_ok', 'under_tracing', 'fake_quant_forward', 'fake_quant_backward', 'squared_error_forward',
+           'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward',
+           'squared_error_forward', 'adaround_channels', 'adaround_soft_forward', 'adaround_rounding_loss',
            'ENV_VAR']
 
 #: set to ``0`` to use the torch code only
@@ -154,6 +155,20 @@ def kernel_tensor_ok(*tensors):
     return shape is not None
 
 
+def kernels_apply(*tensors, per_tensor=()):
+    """Whether a kernel may run: ``tensors`` (``None`` skipped) are non-empty float32 CPU
+    tensors of one shape, ``per_tensor`` quantization parameters are Python numbers or
+    one-element float32 CPU tensors not widening the tensors' shape, no tracer or compiler
+    is recording, and the kernels are built. The one check every dispatch site uses."""
+    if under_tracing() or not kernel_tensor_ok(*tensors):
+        return False
+    dim = next(t for t in tensors if t is not None).dim()
+    for p in per_tensor:
+        if not scalar_ok(p) or (isinstance(p, torch.Tensor) and p.dim() > dim):
+            return False
+    return get_cpu_kernels() is not None
+
+
 def _f(v):
     return float(v.item()) if isinstance(v, torch.Tensor) else float(v)
 
@@ -204,7 +219,7 @@ def adaround_channels(alpha, w, scale, zero_point):
     """``(scale, zero_point)`` as contiguous per-output-channel vectors when the AdaRound
     kernels can take these tensors (float32 CPU, alpha contiguous, grid per channel of dim 0
     or per tensor, kernels built, not tracing), else ``None``."""
-    if under_tracing() or not kernel_tensor_ok(alpha, w) or not alpha.is_contiguous() or w.dim() == 0:
+    if w.dim() == 0 or not alpha.is_contiguous() or not kernels_apply(alpha, w):
         return None
     channels = w.shape[0]
     vecs = []
@@ -217,7 +232,7 @@ def adaround_channels(alpha, w, scale, zero_point):
             vecs.append(t.reshape(channels).contiguous())
         else:
             return None
-    return tuple(vecs) if get_cpu_kernels() is not None else None
+    return tuple(vecs)
 
 
 def adaround_soft_forward(alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):

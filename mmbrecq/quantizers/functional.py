@@ -65,17 +65,8 @@ def _lsq_kernel_applies(x, scale, zero_point, qmin, qmax):
     """Whether :func:`fake_quant_lsq` may run the fused CPU kernel: float32 CPU input, a
     per-tensor step and zero point (one element, not widening ``x``'s shape), integer grid
     bounds, not under tracing / compilation, and the kernels built (see :mod:`mmbrecq.ops`)."""
-    if cpu_kernels.under_tracing() or x.device.type != 'cpu' or x.dtype != torch.float32 or x.numel() == 0:
-        return False
-    for p in (scale, zero_point):
-        if isinstance(p, torch.Tensor):
-            if not cpu_kernels.scalar_ok(p) or p.dim() > x.dim():
-                return False
-        elif not cpu_kernels.scalar_ok(p):
-            return False
-    if not (isinstance(qmin, int) and isinstance(qmax, int)):
-        return False
-    return cpu_kernels.get_cpu_kernels() is not None
+    return (isinstance(qmin, int) and isinstance(qmax, int)
+            and cpu_kernels.kernels_apply(x, per_tensor=(scale, zero_point)))
 
 
 class _FakeQuantLSQ(torch.autograd.Function):

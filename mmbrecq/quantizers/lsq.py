@@ -29,13 +29,17 @@ class LSQQuantizer(UniformQuantizer):
         self.drop_prob = 0.0
         self.scale.requires_grad_(True)
 
+    def step_grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's scale of the step gradient for input ``x``: ``1/sqrt(features * qmax)``
+        (1 when the step is not learned or ``grad_scale=False``)."""
+        if not (self.use_grad_scale and self.scale.requires_grad):
+            return 1.0
+        features = x[0].numel() if x.dim() > 1 else x.numel()
+        return 1.0 / math.sqrt(features * self.qmax)
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        scale = self._broadcast(self.scale, x)
-        factor = 1.0
-        if self.use_grad_scale and scale.requires_grad:
-            features = x[0].numel() if x.dim() > 1 else x.numel()
-            factor = 1.0 / math.sqrt(features * self.qmax)
-        xq = fake_quant_lsq(x, scale, self._broadcast(self.zero_point, x), self.qmin, self.qmax, factor)
+        xq = fake_quant_lsq(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.qmin,
+                            self.qmax, self.step_grad_factor(x))
         if self.drop_prob > 0 and self.training:
             keep_float = torch.rand_like(x) < self.drop_prob
             xq = torch.where(keep_float, x, xq)

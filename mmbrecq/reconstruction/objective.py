@@ -1,6 +1,4 @@
 """The reconstruction objective: output error (optionally Fisher-weighted) + rounding term."""
-import math
-
 import torch
 
 from mmbrecq.ops import cpu_kernels
@@ -29,9 +27,7 @@ def fisher_weight(grad: torch.Tensor, mode: str, mean_sq: float = None) -> torch
 def _loss_kernel_applies(out, target, weight):
     """Whether the squared-error nodes may run the fused CPU kernel: float32 CPU tensors of
     one shape, not under tracing / compilation, kernels built (see :mod:`mmbrecq.ops`)."""
-    if cpu_kernels.under_tracing() or not cpu_kernels.kernel_tensor_ok(out, target, weight):
-        return False
-    return cpu_kernels.get_cpu_kernels() is not None
+    return cpu_kernels.kernels_apply(out, target, weight)
 
 
 def _scaled_buffer(buf, grad):
@@ -142,12 +138,7 @@ def _fused_quantizer_applies(quantizer, out, target, weight):
         return False
     if quantizer.ch_axis is not None or out.dim() < 2 or out.shape[1] == 0:
         return False
-    scale, zero_point = quantizer.scale, quantizer.zero_point
-    if not (cpu_kernels.scalar_ok(scale) and cpu_kernels.scalar_ok(zero_point)):
-        return False
-    if scale.dim() > out.dim() or zero_point.dim() > out.dim():
-        return False
-    return _loss_kernel_applies(out, target, weight)
+    return cpu_kernels.kernels_apply(out, target, weight, per_tensor=(quantizer.scale, quantizer.zero_point))
 
 
 def quantized_reconstruction_loss(out: torch.Tensor, quantizer, target: torch.Tensor,
@@ -165,10 +156,7 @@ def quantized_reconstruction_loss(out: torch.Tensor, quantizer, target: torch.Te
     if not _fused_quantizer_applies(quantizer, out, target, weight):
         return reconstruction_loss(quantizer(out), target, weight)
     scale = quantizer.scale
-    grad_factor = 1.0
-    if quantizer.use_grad_scale and scale.requires_grad:  # as LSQQuantizer.quantize
-        features = out.numel() // out.shape[0]
-        grad_factor = 1.0 / math.sqrt(features * quantizer.qmax)
+    grad_factor = quantizer.step_grad_factor(out)
     count = _loss_count(out)
     quant = (scale, quantizer.zero_point, quantizer.qmin, quantizer.qmax)
     if not (torch.is_grad_enabled() and (out.requires_grad or scale.requires_grad)):
