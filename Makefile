@@ -6,7 +6,7 @@ MMBRECQ_VENV ?= $(HOME)/.cache/mmbrecq/venv
 PY := $(if $(MMBRECQ_PYTHON),$(MMBRECQ_PYTHON),$(MMBRECQ_VENV)/bin/python)
 export MMBRECQ_VENV
 
-.PHONY: setup demo test test-all bench
+.PHONY: setup demo test test-all lint
 
 setup:
 	bash tools/setup_env.sh
@@ -19,3 +19,8 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest -q -m "slow or not slow" tests
+
+# style + import order (ruff) and the package's layers (import-linter, contract in pyproject.toml)
+lint: setup
+	$(PY) -m ruff check mmbrecq tests tools benchmarks configs
+	$(PY) -c "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"

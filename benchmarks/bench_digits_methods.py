@@ -15,8 +15,7 @@ import copy
 import json
 import time
 
-
-from mmbrecq.utils.demo import digits_benchmark_setup, top1_and_kl
+from mmbrecq.engine.demo import digits_benchmark_setup, top1_and_kl
 
 METHODS = {
     'nearest': None,

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from mmbrecq.utils.demo import digits_benchmark_setup, top1_and_kl
+from mmbrecq.engine.demo import digits_benchmark_setup, top1_and_kl
 
 
 def quantized(float_model, calib, w_bits, a_bits=4, mp=None):

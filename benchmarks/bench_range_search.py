@@ -25,7 +25,6 @@ import torch
 
 from mmbrecq.quantizers.range_search import lp_search_range
 
-
 # (name, shape) of every conv and linear weight of torchvision's ResNet-50, in module order;
 # used only when torchvision cannot be imported
 _RESNET50_STAGES = [(3, 64, 256, 1), (4, 128, 512, 2), (6, 256, 1024, 2), (3, 512, 2048, 2)]

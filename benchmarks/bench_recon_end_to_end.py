@@ -30,9 +30,10 @@ def main():
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
 
-    import mmbrecq
     from mmengine.hub import get_config
     from mmpretrain.registry import MODELS
+
+    import mmbrecq
     from mmbrecq.modules import find_units, set_quant_state
     from mmbrecq.reconstruction import CalibrationSet, probe_units
 

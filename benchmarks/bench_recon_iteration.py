@@ -64,11 +64,18 @@ def main():
         torch.set_num_threads(args.threads)
 
     import mmbrecq
-    from mmbrecq.modules import fold_bn, find_units
-    from mmbrecq.reconstruction import CacheBudget, CalibrationSet, probe_units, recon_config
-    from mmbrecq.reconstruction.optimize import (UnitData, _param_groups, _run_stage, entry_quantizer,
-                                                 prequantized_input, step_quantizers)
+    from mmbrecq.config import recon_config
+    from mmbrecq.modules import find_units, fold_bn
     from mmbrecq.modules.swap import set_quant_state, unit_layers
+    from mmbrecq.reconstruction import CacheBudget, CalibrationSet, probe_units
+    from mmbrecq.reconstruction.optimize import (
+        UnitData,
+        _param_groups,
+        _run_stage,
+        entry_quantizer,
+        prequantized_input,
+        step_quantizers,
+    )
     device = torch.device(args.device)
     torch.manual_seed(0)
     float_model = build_resnet18()

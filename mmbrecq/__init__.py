@@ -8,11 +8,9 @@ from .utils import apply_compat
 
 apply_compat()
 
-from . import (blocks, datasets, engine, export, mixed_precision, quantizers, reconstruction,  # noqa: E402,F401
-               registry)
-from .modules import (QuantConfig, calibrate_activations, find_units, quantize_model,  # noqa: E402
-                      set_quant_state)
-from .reconstruction import CalibrationSet, reconstruct  # noqa: E402
+from . import blocks, datasets, engine, export, mixed_precision, quantizers, reconstruction, registry  # noqa: E402,F401
+from .modules import QuantConfig, quantize_model, set_quant_state  # noqa: E402
+from .reconstruction import CalibrationSet, calibrate_activations, find_units, reconstruct  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ['quantize_model', 'find_units', 'set_quant_state', 'calibrate_activations', 'QuantConfig',

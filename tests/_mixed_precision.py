@@ -16,8 +16,8 @@ def digits():
     """``(float model, CalibrationSet of 64 train images)``, loaded once per session."""
     if not _CACHE:
         import mmbrecq  # noqa: F401
+        from mmbrecq.engine.demo import load_float_model, preprocessed_batches, tensor_forward
         from mmbrecq.reconstruction import CalibrationSet
-        from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward
         cfg, model = load_float_model(str(ROOT / 'configs/_base_/digits_resnet_float.py'),
                                       str(ROOT / 'checkpoints/digits_resnet18_float.pth'))
         batches = preprocessed_batches(cfg, model, 'train', 64, 32, 0)

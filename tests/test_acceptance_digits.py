@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import mmbrecq
+from mmbrecq.engine.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
 from mmbrecq.reconstruction import CalibrationSet
-from mmbrecq.utils.demo import load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -19,11 +19,11 @@ from mmengine.registry import DefaultScope
 from torch import nn
 
 import mmbrecq
-from _tools import load_tool
-from mmbrecq.engine import calib_config
+from mmbrecq.config import calib_config, recon_config
 from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, quantizers_of, unit_layers
-from mmbrecq.reconstruction import recon_config
 from mmbrecq.registry import RECONSTRUCTORS
+
+from _tools import load_tool
 
 torch.set_num_threads(1)  # 2-core CI
 

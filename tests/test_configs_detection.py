@@ -16,10 +16,10 @@ from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import mmbrecq
-from _tools import load_tool
-from mmbrecq.engine import calib_config
+from mmbrecq.config import calib_config, recon_config
 from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, unit_layers
-from mmbrecq.reconstruction import recon_config
+
+from _tools import load_tool
 
 torch.set_num_threads(1)
 
@@ -51,7 +51,8 @@ DIGITS_FILES = sorted(p.name for p in CONFIG_DIR.glob('digits_det_*.py'))
 
 
 def test_every_digits_detection_config_exists():
-    expected = {f'digits_det_{d}_{b}.py' for d in ('retinanet', 'faster-rcnn') for b in ('w8a8', 'w4a8', 'w4a4', 'w2a8')}
+    expected = {f'digits_det_{d}_{b}.py' for d in ('retinanet', 'faster-rcnn')
+                for b in ('w8a8', 'w4a8', 'w4a4', 'w2a8')}
     assert set(DIGITS_FILES) == expected
 
 
@@ -128,8 +129,8 @@ _MODELS = {}
 def _float_model(name, cfg):
     family, _, _ = _bits(name)
     if family not in _MODELS:
-        from mmdet.registry import MODELS
         import mmdet.utils
+        from mmdet.registry import MODELS
         mmdet.utils.register_all_modules(init_default_scope=False)
         torch.manual_seed(0)
         with DefaultScope.overwrite_default_scope('mmdet'):

@@ -16,9 +16,15 @@ from PIL import Image
 import mmbrecq  # noqa: F401  (registries, torch>=2.6 checkpoint-loading fix)
 from mmbrecq.datasets import DIGITS_CLASSES, DigitsCocoDataset, load_digits_split
 from mmbrecq.datasets.digits import _upsample
-from mmbrecq.datasets.digits_detection import (DEFAULT_PARAMS, GENERATOR_VERSION, INK_THRESHOLD,
-                                               STAMP_FILE, ensure_digits_coco, make_digits_coco,
-                                               read_stamp)
+from mmbrecq.datasets.digits_detection import (
+    DEFAULT_PARAMS,
+    GENERATOR_VERSION,
+    INK_THRESHOLD,
+    STAMP_FILE,
+    ensure_digits_coco,
+    make_digits_coco,
+    read_stamp,
+)
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIGS = {m: osp.join(ROOT, 'configs', '_base_', f'digits_{m}_float.py')
@@ -48,8 +54,8 @@ def _test_cfg(model='retinanet'):
 
 
 def _build_dataset(root, split='test', pipeline=None, **kwargs):
-    from mmengine.registry import DefaultScope
     from mmdet.registry import DATASETS
+    from mmengine.registry import DefaultScope
     if pipeline is None:
         pipeline = _test_cfg().test_pipeline
     cfg = dict(type='mmbrecq.DigitsCocoDataset', data_root=root, split=split, generate=TINY,

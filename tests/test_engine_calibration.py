@@ -3,7 +3,8 @@ aspect ratio), and the forward / task loss chosen for classifiers and detectors.
 import pytest
 import torch
 
-from mmbrecq.engine.calibration import calib_config, pad_batches
+from mmbrecq.config import calib_config
+from mmbrecq.engine.calibration import pad_batches
 
 
 class _Sample:

@@ -6,6 +6,7 @@ import torch
 import mmbrecq
 from mmbrecq.engine.detection import attach_proposals, detection_forward, is_detector, is_two_stage
 from mmbrecq.reconstruction import CalibrationSet
+
 from _models import FAST_QCFG, build_classifier, build_detector, detection_batches
 
 torch.set_num_threads(1)
@@ -103,7 +104,8 @@ def test_every_unit_reconstructs_finite(reconstructed, name):
                 'roi_head.bbox_head.fc_cls', 'roi_head.bbox_head.fc_reg'} <= set(names)
         assert {r['name']: r['calls'] for r in records}['rpn_head.rpn_cls'] == 5  # once per level
     else:
-        assert {'bbox_head.cls_convs', 'bbox_head.reg_convs', 'bbox_head.retina_cls', 'bbox_head.retina_reg'} <= set(names)
+        heads = {'bbox_head.cls_convs', 'bbox_head.reg_convs', 'bbox_head.retina_cls', 'bbox_head.retina_reg'}
+        assert heads <= set(names)
         assert kinds['bbox_head.cls_convs'] == 'HeadTower'
         assert {r['name']: r['calls'] for r in records}['bbox_head.cls_convs'] == 5
 

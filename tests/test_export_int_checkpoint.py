@@ -10,10 +10,16 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.engine import save_quantized
-from mmbrecq.export import (bake_float_checkpoint, load_integer_checkpoint, read_integer_checkpoint,
-                            save_integer_checkpoint, to_integer_checkpoint)
+from mmbrecq.export import (
+    bake_float_checkpoint,
+    load_integer_checkpoint,
+    read_integer_checkpoint,
+    save_integer_checkpoint,
+    to_integer_checkpoint,
+)
 from mmbrecq.export.int_checkpoint import pack_nibbles, unpack_nibbles
 from mmbrecq.modules import QuantLayerMixin, quantizers_of, set_quant_state
+
 from _models import FAST_QCFG, build_classifier, images, reconstructed_like_resnet18
 
 torch.set_num_threads(1)  # 2-core CI

@@ -11,6 +11,7 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.modules import QuantLayerMixin, quantizers_of
+
 from _models import FAST_QCFG, build_classifier, images, reconstructed_like_resnet18
 
 onnx = pytest.importorskip('onnx')

@@ -10,6 +10,7 @@ import mmbrecq
 from mmbrecq.engine import save_quantized
 from mmbrecq.export import load_integer_checkpoint
 from mmbrecq.modules import set_quant_state
+
 from _tools import load_tool
 
 torch.set_num_threads(1)  # 2-core CI

@@ -2,7 +2,7 @@
 import pytest
 
 import mmbrecq  # noqa: F401
-from mmbrecq.mixed_precision import mp_config
+from mmbrecq.config import mp_config
 from mmbrecq.modules import QuantConfig
 
 

@@ -9,8 +9,15 @@ from mmengine.hub import get_config
 from mmpretrain.registry import MODELS
 from torch import nn
 
-from mmbrecq.mixed_precision import (BOPs, LatencyTable, LayerStat, ModelSize, bit_config_of,
-                                     group_cost_fn, trace_layer_stats)
+from mmbrecq.mixed_precision import (
+    BOPs,
+    LatencyTable,
+    LayerStat,
+    ModelSize,
+    bit_config_of,
+    group_cost_fn,
+    trace_layer_stats,
+)
 from mmbrecq.registry import COST_MODELS, build_from
 
 torch.set_num_threads(1)  # 2-core CI: multithreaded CPU convs are much slower here
@@ -59,8 +66,8 @@ ROWS = [('0', 4, 8, 0.25), ('0', 8, 8, 0.5), ('0', 32, 32, 2.0),
 
 
 def _write_json(path):
-    path.write_text(json.dumps([dict(layer=l, w_bits=w, a_bits=a, latency_ms=t)
-                                for l, w, a, t in ROWS]))
+    path.write_text(json.dumps([dict(layer=n, w_bits=w, a_bits=a, latency_ms=t)
+                                for n, w, a, t in ROWS]))
     return path
 
 

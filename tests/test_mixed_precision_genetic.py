@@ -111,7 +111,7 @@ def test_deterministic_with_seed():
 
 
 def test_fixed_groups_honoured():
-    candidates, sensitivity, cost_fn, budget, costs = _problem(21, 8)
+    candidates, sensitivity, _, budget, costs = _problem(21, 8)
     # first / last layer at 8 bits: once via `fixed`, once via a single candidate
     candidates[7], sensitivity[7], costs[7] = [8], [sensitivity[7][2]], [costs[7][2]]
 

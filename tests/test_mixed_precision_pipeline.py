@@ -5,11 +5,16 @@ import json
 import pytest
 import torch
 
-import mmbrecq
 import mmbrecq.mixed_precision.pipeline as pipeline
 from mmbrecq.engine import load_quantized, save_quantized
-from mmbrecq.mixed_precision import (BOPs, ModelSize, apply_bit_map, search_mixed_precision,
-                                     trace_layer_stats, weight_bits_of)
+from mmbrecq.mixed_precision import (
+    BOPs,
+    ModelSize,
+    apply_bit_map,
+    search_mixed_precision,
+    trace_layer_stats,
+    weight_bits_of,
+)
 from mmbrecq.modules import QuantLayerMixin
 
 from _mixed_precision import digits, logits, quantized_digits

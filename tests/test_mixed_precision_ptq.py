@@ -12,6 +12,7 @@ import torch
 
 import mmbrecq  # noqa: F401
 import mmbrecq.mixed_precision.pipeline as pipeline
+
 from _tools import load_tool, unique_name
 
 torch.set_num_threads(1)

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from mmbrecq import quantize_model
+from mmbrecq.config import DEFAULTS
 from mmbrecq.modules import QuantConfig, QuantLayerMixin, quantizers_of
-from mmbrecq.modules.quant_config import DEFAULTS
 
 torch.set_num_threads(1)
 

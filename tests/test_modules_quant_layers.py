@@ -4,7 +4,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from mmbrecq.modules import QuantConv2d, QuantLayerMixin, QuantLinear, quant_twin
+from mmbrecq.modules import QuantConv2d, QuantLayerMixin, QuantLinear, quant_twin, set_quant_state
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer, UniformQuantizer
 
 torch.set_num_threads(1)  # 2-core CI: multithreaded CPU convs are much slower here
@@ -97,7 +97,7 @@ def test_conv_keeps_interface_and_the_float_parameters(conv_case):
 
 def test_conv_disabled_quantization_matches_float_layer_exactly(conv_case):
     conv, q, x, ref, _ = conv_case
-    q.set_quant_state(weight=False, act=False)
+    set_quant_state(q, weight=False, act=False)
     with torch.no_grad():
         out = q(x)
     assert out.shape == ref.shape
@@ -106,7 +106,7 @@ def test_conv_disabled_quantization_matches_float_layer_exactly(conv_case):
 
 def test_conv_quantized_forward_is_conv_of_quantized_input_and_weight(conv_case):
     conv, q, x, ref, _ = conv_case
-    q.set_quant_state(True, True)
+    set_quant_state(q, True, True)
     with torch.no_grad():
         out = q(x)
         xq, wq = q.input_quantizer(x), q.weight_quantizer(q.weight)
@@ -122,15 +122,15 @@ def test_conv_set_quant_state_toggles_each_quantizer(conv_case):
     conv, q, x, ref, _ = conv_case
     with torch.no_grad():
         xq, wq = q.input_quantizer(x), q.weight_quantizer(q.weight)
-        q.set_quant_state(weight=True, act=False)
+        set_quant_state(q, weight=True, act=False)
         assert q.weight_quantizer.enabled and not q.input_quantizer.enabled
         torch.testing.assert_close(q(x), _ref_conv(q, x, wq), rtol=0, atol=1e-6)
-        q.set_quant_state(weight=False, act=True)
+        set_quant_state(q, weight=False, act=True)
         assert not q.weight_quantizer.enabled and q.input_quantizer.enabled
         torch.testing.assert_close(q(x), _ref_conv(q, xq, q.weight), rtol=0, atol=1e-6)
-        q.set_quant_state(weight=False, act=False)
+        set_quant_state(q, weight=False, act=False)
         assert torch.equal(q(x), ref)
-        q.set_quant_state()  # defaults: both on
+        set_quant_state(q, )  # defaults: both on
         assert q.weight_quantizer.enabled and q.input_quantizer.enabled
         torch.testing.assert_close(q(x), _ref_conv(q, xq, wq), rtol=0, atol=1e-6)
 
@@ -141,10 +141,10 @@ def test_conv_without_input_quantizer_reads_the_raw_input():
     wq, _ = _quantizers(conv.weight, x)
     q = QuantConv2d.from_float(conv, wq, None)
     assert q.input_quantizer is None
-    q.set_quant_state(weight=True, act=True)  # no input quantizer: must not fail
+    set_quant_state(q, weight=True, act=True)  # no input quantizer: must not fail
     with torch.no_grad():
         torch.testing.assert_close(q(x), _ref_conv(q, x, wq(q.weight)), rtol=0, atol=1e-6)
-        q.set_quant_state(weight=False, act=False)
+        set_quant_state(q, weight=False, act=False)
         assert torch.equal(q(x), conv._conv_forward(x, conv.weight, conv.bias))
 
 
@@ -166,7 +166,7 @@ def test_conv_from_float_keeps_dtype():
     wq, iq = _quantizers(conv.weight, x)
     q = QuantConv2d.from_float(conv, wq.double(), iq.double())
     assert q.weight.dtype == torch.float64 and q.weight is conv.weight
-    q.set_quant_state(False, False)
+    set_quant_state(q, False, False)
     assert torch.equal(q(x), conv(x))
 
 
@@ -189,17 +189,17 @@ def test_linear_interface_and_numerics(bias, shape):
     assert (q.in_features, q.out_features) == (7, 5)
     assert q.weight is weight_before and q.bias is lin.bias
     with torch.no_grad():
-        q.set_quant_state(False, False)
+        set_quant_state(q, False, False)
         assert torch.equal(q(x), ref)
-        q.set_quant_state(True, True)
+        set_quant_state(q, True, True)
         out = q(x)
         xq, w_q = q.input_quantizer(x), q.weight_quantizer(q.weight)
         assert not torch.equal(xq, x) and not torch.equal(w_q, q.weight)
         torch.testing.assert_close(out, F.linear(xq, w_q, q.bias), rtol=0, atol=1e-6)
         assert not torch.allclose(out, ref)
-        q.set_quant_state(weight=True, act=False)
+        set_quant_state(q, weight=True, act=False)
         torch.testing.assert_close(q(x), F.linear(x, w_q, q.bias), rtol=0, atol=1e-6)
-        q.set_quant_state(weight=False, act=True)
+        set_quant_state(q, weight=False, act=True)
         torch.testing.assert_close(q(x), F.linear(xq, q.weight, q.bias), rtol=0, atol=1e-6)
 
 
@@ -220,7 +220,7 @@ def test_enabled_quantizer_without_range_raises():
     q = QuantConv2d.from_float(conv, wq, LSQQuantizer(bits=4))
     with pytest.raises(RuntimeError, match='calibrate'):
         q(torch.randn(1, 4, 6, 6))
-    q.set_quant_state(weight=True, act=False)
+    set_quant_state(q, weight=True, act=False)
     q(torch.randn(1, 4, 6, 6))
 
 

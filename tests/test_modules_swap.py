@@ -5,9 +5,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmbrecq
-from mmbrecq.modules import (QuantConv2d, QuantLayerMixin, QuantLinear, find_units, quantizers_of,
-                             set_quant_state, unit_layers)
+from mmbrecq.modules import (
+    QuantConv2d,
+    QuantLayerMixin,
+    QuantLinear,
+    find_units,
+    quantizers_of,
+    set_quant_state,
+    unit_layers,
+)
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+
 from _models import build_classifier, images
 
 torch.set_num_threads(1)  # 2-core CI: multithreaded CPU convs are much slower here

@@ -11,9 +11,11 @@ import torch
 
 from mmbrecq.ops import cpu_kernels
 from mmbrecq.quantizers import LSQQuantizer
-from mmbrecq.quantizers.functional import _FakeQuantLSQ, fake_quant, fake_quant_lsq, grad_scale
+from mmbrecq.quantizers.functional import _FakeQuantLSQ, fake_quant, fake_quant_lsq
 from mmbrecq.reconstruction import objective
 from mmbrecq.reconstruction.objective import quantized_reconstruction_loss, reconstruction_loss
+
+from _reference import grad_scale
 
 torch.set_num_threads(1)
 

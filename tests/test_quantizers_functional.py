@@ -4,7 +4,9 @@ import math
 import pytest
 import torch
 
-from mmbrecq.quantizers.functional import fake_quant, grad_scale, lp_error, qparams_from_range, round_ste
+from mmbrecq.quantizers.functional import fake_quant, lp_error, qparams_from_range, round_ste
+
+from _reference import grad_scale
 
 
 def _t(values, dtype=torch.float32):

@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-from _models import build_classifier
 from torch import nn
 
 import mmbrecq
@@ -12,6 +11,8 @@ from mmbrecq.modules import Unit, find_units, set_quant_state, unit_layers
 from mmbrecq.quantizers import AdaRoundQuantizer
 from mmbrecq.reconstruction import BlockReconstructor, CacheBudget, CalibrationSet, probe_units
 from mmbrecq.reconstruction.capture import StopForward, run_capture
+
+from _models import build_classifier
 
 torch.set_num_threads(1)
 

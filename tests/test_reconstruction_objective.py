@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mmbrecq.reconstruction import (DEFAULT_RECON, ClassificationKL, RoundingSchedule, fisher_weight,
-                                    reconstruction_loss, recon_config)
+from mmbrecq.config import DEFAULT_RECON, recon_config
+from mmbrecq.reconstruction import ClassificationKL, RoundingSchedule, fisher_weight, reconstruction_loss
 from mmbrecq.registry import TASK_LOSSES
 
 torch.set_num_threads(1)

@@ -7,6 +7,7 @@ from torch import nn
 import mmbrecq
 from mmbrecq.reconstruction import optimize
 from mmbrecq.reconstruction.optimize import entry_quantizer, prequantized_input
+
 from _models import FAST_QCFG
 
 torch.set_num_threads(1)

@@ -5,7 +5,6 @@ import textwrap
 
 import mmengine.registry as mmengine_registry
 import pytest
-import torch
 from mmengine.config import Config
 
 import mmbrecq

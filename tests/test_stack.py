@@ -14,14 +14,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-
-import mmbrecq  # noqa: F401  (applies the compat shims, as in real use)
+from mmcv.ops import RoIAlign, batched_nms, nms
 from mmengine.config import Config
 from mmengine.hub import get_config
 from mmengine.registry import DefaultScope
 from mmengine.structures import InstanceData
 
-from mmcv.ops import RoIAlign, batched_nms, nms
+import mmbrecq  # noqa: F401  (applies the compat shims, as in real use)
 
 IMG = 128  # detector input side (divisible by the FPN's largest stride, 128)
 

@@ -35,6 +35,7 @@ def _run(cmd, log, **env):
 
 def test_prepare_launcher_is_a_no_op_without_launcher():
     from mmengine.config import Config
+
     from mmbrecq.utils.dist import prepare_launcher
     cfg = Config(dict(launcher='none'))
     assert prepare_launcher(cfg) is False

@@ -80,9 +80,10 @@ def test_ptq_detector_end_to_end(base_name, tmp_path, capsys):
         str(summary['metrics']['brecq']['coco/bbox_mAP']) in out, out[-1500:]
 
     # loss and predict modes of the reloaded quantized model
+    from mmdet.registry import DATASETS, MODELS
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
-    from mmdet.registry import DATASETS, MODELS
+
     from mmbrecq.engine import load_quantized
     cfg = Config.fromfile(str(config))
     with DefaultScope.overwrite_default_scope('mmdet'):

@@ -11,14 +11,14 @@ import uuid
 import numpy as np
 import pytest
 import torch
+from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.runner import checkpoint as mmengine_checkpoint
+from mmengine.runner import load_checkpoint, save_checkpoint
+from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
 from torch import nn
 
 import mmbrecq  # noqa: F401  (applies the shims)
 from mmbrecq.utils import compat
-from mmengine.logging import HistoryBuffer, MessageHub
-from mmengine.runner import load_checkpoint, save_checkpoint
-from mmengine.runner.checkpoint import CheckpointLoader, _load_checkpoint
-from mmengine.runner import checkpoint as mmengine_checkpoint
 
 LOSSES = [0.9, 0.5, 0.25]
 

@@ -87,8 +87,9 @@ def export(cfg, checkpoint, fmt, out, shape=(1, 3, 224, 224), opset=13, pack=Tru
 
 def main(argv=None):
     args = parse_args(argv)
-    import mmbrecq  # noqa: F401  (registers everything, applies the torch-2.9 shims)
     from mmengine.config import Config
+
+    import mmbrecq  # noqa: F401  (registers everything, applies the torch-2.9 shims)
     for path, what in ((args.config, 'config file'), (args.checkpoint, 'quantized checkpoint')):
         if not osp.isfile(path):
             print(f'error: {what} {path!r} does not exist', file=sys.stderr)

@@ -17,8 +17,7 @@ import time
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
-from mmbrecq.datasets.digits_detection import (DEFAULT_DATA_ROOT, DEFAULT_PARAMS,  # noqa: E402
-                                               SPLITS, make_digits_coco)
+from mmbrecq.datasets.digits_detection import DEFAULT_DATA_ROOT, DEFAULT_PARAMS, SPLITS, make_digits_coco  # noqa: E402
 
 
 def parse_args(argv=None):

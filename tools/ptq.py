@@ -54,20 +54,12 @@ def build_ptq_config(args):
     if cfg.get('quant_cfg') is None:
         raise ValueError(f'{args.config} has no quant_cfg section; a PTQ config inherits the float model '
                          "config and adds quant_cfg=dict(w_bits=..., a_bits=...) (see configs/brecq/)")
+    from mmbrecq.engine import calib_dataloader_cfg, without_training
     from mmbrecq.modules import QuantConfig
-    from mmbrecq.engine.calibration import calib_config, without_training
-    from mmbrecq.reconstruction import recon_config
     qcfg = QuantConfig(cfg.quant_cfg)  # validates every key before anything runs
-    calib = calib_config(qcfg['calib'])
-    if calib['dataloader'] is None:  # resolve now: the runner must not see a train dataloader
-        key = f"{calib['split']}_dataloader"
-        if cfg.get(key) is None:
-            raise ValueError(f"quant_cfg.calib.split={calib['split']!r} needs `{key}` in the config")
+    if qcfg['calib']['dataloader'] is None:  # resolve now: the runner must not see a train dataloader
         cfg.quant_cfg.setdefault('calib', {})
-        cfg.quant_cfg.calib.dataloader = copy.deepcopy(cfg[key])
-    recon = dict(qcfg['recon'])
-    recon.pop('type', None)
-    recon_config(recon)
+        cfg.quant_cfg.calib.dataloader = copy.deepcopy(calib_dataloader_cfg(cfg, qcfg['calib']))
 
     ckpt = args.checkpoint or cfg.get('float_checkpoint')
     if not ckpt:

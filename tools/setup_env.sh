@@ -88,9 +88,11 @@ need=()
 while read -r req; do
   [[ -z "$req" || "$req" == \#* ]] && continue
   have "$req" || need+=("$req")
-done < <(cat "$repo_root"/requirements/tests.txt "$repo_root"/requirements/optional.txt | sed 's/[<>=].*//')
+done < <(cat "$repo_root"/requirements/tests.txt "$repo_root"/requirements/optional.txt \
+             "$repo_root"/requirements/lint.txt | sed 's/[<>=].*//')
 if [[ ${#need[@]} -gt 0 ]]; then
-  pip_install -r "$repo_root/requirements/tests.txt" -r "$repo_root/requirements/optional.txt"
+  pip_install -r "$repo_root/requirements/tests.txt" -r "$repo_root/requirements/optional.txt" \
+    -r "$repo_root/requirements/lint.txt"
 fi
 if ! (cd / && "$py" -c "import mmbrecq.version, os, sys; sys.exit(0 if os.path.dirname(os.path.dirname(mmbrecq.version.__file__)) == sys.argv[1] else 1)" "$repo_root") 2>/dev/null; then
   pip_install --no-deps --no-build-isolation -e "$repo_root"

@@ -28,8 +28,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     import mmbrecq  # noqa: F401
-    from mmbrecq.engine import load_quantized
-    from mmbrecq.engine.calibration import without_training
+    from mmbrecq.engine import load_quantized, without_training
     for path, what in ((args.config, 'config file'), (args.checkpoint, 'quantized checkpoint')):
         if not osp.isfile(path):
             print(f'error: {what} {path!r} does not exist', file=sys.stderr)

@@ -21,8 +21,9 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(1, osp.join(ROOT, 'tools'))
 
-import mmbrecq  # noqa: E402,F401  (torch>=2.6 checkpoint-loading fix, registries)
 from train_digits import config_from_args, train_test_save  # noqa: E402
+
+import mmbrecq  # noqa: E402,F401  (torch>=2.6 checkpoint-loading fix, registries)
 
 MODELS = dict(
     retinanet=('digits_retinanet_float.py', 'checkpoints/digits_retinanet_float.pth'),

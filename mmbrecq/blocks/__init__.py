@@ -1,6 +1,10 @@
 from .base import BlockRule, ResidualBlockRule, ResNetStemRule
-from .classification import (InvertedResidualRule, MMPretrainBasicBlockRule, MMPretrainBottleneckRule,
-                             MMPretrainResNetStemRule)
+from .classification import (
+                             InvertedResidualRule,
+                             MMPretrainBasicBlockRule,
+                             MMPretrainBottleneckRule,
+                             MMPretrainResNetStemRule,
+)
 from .detection import MMDetBasicBlockRule, MMDetBottleneckRule, MMDetResNetStemRule
 
 __all__ = [

@@ -1,5 +1,6 @@
 """Rules for the mmpretrain backbones the paper evaluates (ResNet family, RegNet, MobileNetV2)."""
 from mmbrecq.registry import BLOCK_RULES
+
 from .base import BlockRule, ResidualBlockRule, ResNetStemRule
 
 

@@ -10,6 +10,7 @@ changing the model's parameter names.
 from torch import nn
 
 from mmbrecq.registry import BLOCK_RULES
+
 from .base import BlockRule, ResidualBlockRule, ResNetStemRule, _resolve
 
 

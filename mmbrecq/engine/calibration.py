@@ -5,37 +5,11 @@ import torch
 from mmengine.dataset import DefaultSampler
 from mmengine.runner import set_random_seed
 
+from mmbrecq.config import calib_config
 from mmbrecq.reconstruction import CalibrationSet
 from mmbrecq.utils.dist import global_max, read_global_stream, shard_batch
+
 from .detection import attach_proposals, detection_forward, is_detector, is_two_stage
-
-DEFAULT_CALIB = dict(
-    num_samples=1024,
-    batch_size=32,
-    split='train',
-    dataloader=None,
-    seed=0,
-    pad_to='max',       # 'max' (largest calibration image), (H, W), or None (sizes must already match)
-    num_proposals=256,  # two-stage detectors: fixed float-model proposals per image
-)
-
-
-def calib_config(cfg):
-    cfg = dict(cfg or {})
-    unknown = sorted(set(cfg) - set(DEFAULT_CALIB))
-    if unknown:
-        raise ValueError(f'unknown key(s) in quant_cfg.calib: {unknown}; valid: {sorted(DEFAULT_CALIB)}')
-    merged = dict(DEFAULT_CALIB, **cfg)
-    if merged['split'] not in ('train', 'val', 'test'):
-        raise ValueError(f"quant_cfg.calib.split={merged['split']!r}: expected 'train', 'val' or 'test'")
-    for key in ('num_samples', 'batch_size', 'num_proposals'):
-        if not isinstance(merged[key], int) or merged[key] < 1:
-            raise ValueError(f'quant_cfg.calib.{key} must be a positive integer, got {merged[key]!r}')
-    pad = merged['pad_to']
-    if not (pad is None or pad == 'max' or (isinstance(pad, (list, tuple)) and len(pad) == 2 and all(
-            isinstance(v, int) and v > 0 for v in pad))):
-        raise ValueError(f"quant_cfg.calib.pad_to={pad!r}: expected 'max', (height, width) or None")
-    return merged
 
 
 def pad_batches(batches, pad_to='max', pad_value=0.):
@@ -80,13 +54,7 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     reconstruction never pays for decoding or normalisation again.
     """
     c = calib_config(calib_cfg)
-    if c['dataloader'] is not None:
-        loader_cfg = copy.deepcopy(c['dataloader'])
-    else:
-        key = f"{c['split']}_dataloader"
-        if runner.cfg.get(key) is None:
-            raise ValueError(f'quant_cfg.calib.split={c["split"]!r} needs `{key}` in the config')
-        loader_cfg = copy.deepcopy(runner.cfg[key])
+    loader_cfg = copy.deepcopy(calib_dataloader_cfg(runner.cfg, c))
     loader_cfg['batch_size'] = c['batch_size']
     loader_cfg['sampler'] = dict(type=DefaultSampler, shuffle=True, seed=c['seed'])
     loader_cfg.pop('batch_sampler', None)
@@ -117,13 +85,12 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     return CalibrationSet(batches, detection_forward, task_loss=dict(type='DetectionDivergence'))
 
 
-def without_training(cfg):
-    """``cfg`` for a runner that never trains or validates (PTQ, evaluation of a quantized model).
-
-    mmengine's Runner wants train dataloader, train loop and optimiser all set or all unset;
-    PTQ reads its calibration loader from ``quant_cfg.calib`` instead.
-    """
-    for key in ('train_cfg', 'optim_wrapper', 'param_scheduler', 'val_cfg'):
-        cfg.pop(key, None)
-    cfg.train_dataloader, cfg.val_dataloader, cfg.val_evaluator = None, None, None
-    return cfg
+def calib_dataloader_cfg(cfg, calib):
+    """The dataloader config the calibration set is drawn from: ``quant_cfg.calib.dataloader``,
+    else the config's ``<split>_dataloader``."""
+    if calib['dataloader'] is not None:
+        return calib['dataloader']
+    key = f"{calib['split']}_dataloader"
+    if cfg.get(key) is None:
+        raise ValueError(f"quant_cfg.calib.split={calib['split']!r} needs `{key}` in the config")
+    return cfg[key]

@@ -15,7 +15,7 @@
 """
 import torch
 
-from mmbrecq.modules.swap import quantizers_of
+from mmbrecq.modules import quantizers_of
 
 
 def is_detector(model) -> bool:

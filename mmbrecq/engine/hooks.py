@@ -1,17 +1,19 @@
-"""Hooks of a PTQ run: quantized checkpoint + summary, and loss-curve plots.
+"""The hook that writes a PTQ run's results: quantized checkpoint + summary.
 
-They are ordinary mmengine hooks reacting to the PTQ loop's stage events, added by
-``tools/ptq.py`` unless the config already lists them in ``custom_hooks``.
+An ordinary mmengine hook reacting to the PTQ loop's ``after_ptq`` event, added by
+``tools/ptq.py`` unless the config already lists it in ``custom_hooks`` (as is the
+loss-curve hook, :class:`mmbrecq.reconstruction.ReconLossPlotHook`, which lives with the
+reconstruction it draws).
 """
 import json
 import os.path as osp
 
-from mmengine.hooks import Hook
 from mmengine.dist import master_only
+from mmengine.hooks import Hook
 
-from mmbrecq.registry import HOOKS
 from mmbrecq.modules import QuantConfig
-from mmbrecq.reconstruction.plot import plot_losses
+from mmbrecq.registry import HOOKS
+
 from .quant_checkpoint import save_quantized
 
 
@@ -36,17 +38,3 @@ class QuantCheckpointHook(Hook):
         with open(osp.join(runner.work_dir, self.summary), 'w') as f:
             json.dump(summary, f, indent=2, default=str)
         runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')
-
-
-@HOOKS.register_module()
-class ReconLossPlotHook(Hook):
-    """Redraws ``recon_losses.png`` (reconstruction and rounding loss per unit) after each unit."""
-
-    priority = 'VERY_LOW'
-
-    def __init__(self, filename='recon_losses.png'):
-        self.filename = filename
-
-    @master_only
-    def after_recon_unit(self, runner, index, unit, record, records):
-        plot_losses(records, osp.join(runner.work_dir, self.filename))

@@ -18,26 +18,14 @@ import torch
 from mmengine.model import is_model_wrapper
 from mmengine.runner import TestLoop
 
-from mmbrecq.modules import QuantConfig, calibrate_activations, quantize_model, set_quant_state
 from mmbrecq.mixed_precision.pipeline import search_mixed_precision
-from mmbrecq.reconstruction import reconstruct
+from mmbrecq.modules import QuantConfig, quantize_model, set_quant_state
+from mmbrecq.reconstruction import calibrate_activations, reconstruct
 from mmbrecq.registry import LOOPS
+
 from .calibration import build_calibration_set
 
 PROGRESS_FILE = 'ptq_progress.json'
-
-
-class _HookRelay:
-    """Forwards the reconstructor's unit events to the runner's hooks."""
-
-    def __init__(self, runner):
-        self.runner = runner
-
-    def before_unit(self, index, unit):
-        self.runner.call_hook('before_recon_unit', index=index, unit=unit)
-
-    def after_unit(self, index, unit, record, records):
-        self.runner.call_hook('after_recon_unit', index=index, unit=unit, record=record, records=records)
 
 
 @LOOPS.register_module()
@@ -128,7 +116,7 @@ class PTQLoop(TestLoop):
         t0 = time.perf_counter()
         recon_cfg = dict(qcfg['recon'])
         records = reconstruct(model, calib, recon_cfg, work_dir=runner.work_dir, resume=self.resume,
-                              logger=runner.logger, callbacks=[_HookRelay(runner)], plot=False)
+                              logger=runner.logger, runner=runner)
         self.results['seconds']['reconstruction'] = time.perf_counter() - t0
         self.results['units'] = [{k: v for k, v in r.items() if k != 'history'} for r in records]
         del calib

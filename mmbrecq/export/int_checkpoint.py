@@ -40,9 +40,18 @@ from torch import nn
 
 from mmbrecq.mixed_precision.bits import apply_bit_map
 from mmbrecq.modules import QuantConfig, fold_bn, quantize_model
+from mmbrecq.modules.bn_fold import conv_before_norm
 from mmbrecq.version import __version__
-from ._common import (act_quantizers, block_input_quantizers, quant_layers, quantizer_names, require_ready,
-                      under, weight_codes)
+
+from ._common import (
+    act_quantizers,
+    block_input_quantizers,
+    quant_layers,
+    quantizer_names,
+    require_ready,
+    under,
+    weight_codes,
+)
 
 FORMAT = 'mmbrecq.int.v1'
 
@@ -200,9 +209,7 @@ def _fill_grid(name, q, entry, device):
     if tuple(q.scale.shape) != tuple(entry['scale'].shape):
         raise ValueError(f'{name}: scale of shape {tuple(entry["scale"].shape)} in the checkpoint, '
                          f'{tuple(q.scale.shape)} in the model')
-    q.scale.data.copy_(entry['scale'].to(device))
-    q.zero_point.copy_(entry['zero_point'].to(device=device, dtype=q.zero_point.dtype))
-    q.initialized = True
+    q.load_qparams(entry['scale'].to(device), entry['zero_point'].to(device=device, dtype=q.zero_point.dtype))
 
 
 def _fill_act(name, q, entry, device):
@@ -212,7 +219,8 @@ def _fill_act(name, q, entry, device):
     if q is not None:
         _fill_grid(name, q, entry, device)
         q.enabled = entry['enabled']
-        q.initialized = entry['initialized']
+        if not entry['initialized']:
+            q.reset_range()
 
 
 def _is_layer_param(key, layers):
@@ -296,10 +304,9 @@ def _folded_pairs_structural(qmodel):
     bias; the BN is assumed affine with running statistics, and the conv is assumed to
     have had no bias of its own (conv + BN: the usual case).
     """
-    from mmbrecq.modules.bn_fold import _conv_before_norm
     pairs = []
     for parent_name, parent in qmodel.named_modules():
-        if not _conv_before_norm(parent):
+        if not conv_before_norm(parent):
             continue
         children = list(parent.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):

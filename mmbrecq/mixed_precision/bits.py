@@ -16,12 +16,6 @@ from mmbrecq.modules.quant_layers import QuantLayerMixin
 from mmbrecq.quantizers import AdaRoundQuantizer, check_bits
 
 
-def _grid(q, bits):
-    if q.symmetric and q.signed:
-        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-    return 0, (1 << bits) - 1
-
-
 @torch.no_grad()
 def set_weight_bits(layer: QuantLayerMixin, bits: int, ranges: Optional[dict] = None):
     """Re-grid ``layer``'s weight quantizer at ``bits`` and initialise its range.
@@ -34,18 +28,14 @@ def set_weight_bits(layer: QuantLayerMixin, bits: int, ranges: Optional[dict] = 
     """
     q = layer.weight_quantizer
     check_bits(bits, 'weight bits')
-    if isinstance(q, AdaRoundQuantizer) and q.rounding != 'nearest':
+    if isinstance(q, AdaRoundQuantizer):
         q.set_rounding('nearest')
     if q.bits == bits and q.initialized and ranges is None:
         return q
+    q.set_bits(bits)
     key = (id(q), bits)
-    q.bits = bits
-    q.qmin, q.qmax = _grid(q, bits)
     if ranges is not None and key in ranges:
-        scale, zp = ranges[key]
-        q.scale.data.copy_(scale)
-        q.zero_point.copy_(zp)
-        q.initialized = True
+        q.load_qparams(*ranges[key])
     else:
         q.init_range(layer.weight)
         if ranges is not None:

@@ -12,6 +12,7 @@ import os
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mmbrecq.registry import COST_MODELS
+
 from .layer_stats import LayerStat
 
 FLOAT_BITS = 32

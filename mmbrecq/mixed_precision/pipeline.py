@@ -13,15 +13,14 @@ import os
 import os.path as osp
 import time
 
-import torch
 from mmengine.logging import print_log
 
-from mmbrecq.modules.quant_config import QuantConfig
-from mmbrecq.modules.quant_layers import QuantLayerMixin
-from mmbrecq.modules.swap import calibrate_activations, quantizers_of, set_quant_state
+from mmbrecq.config.quant_cfg import UNIFORM_RE, mp_config
+from mmbrecq.modules import QuantConfig, quantizers_of, set_quant_state
+from mmbrecq.reconstruction import calibrate_activations
 from mmbrecq.registry import COST_MODELS, SEARCHERS, build_from
+
 from .bits import apply_bit_map
-from .config import KEY, UNIFORM_RE, mp_config
 from .cost_models import BOPs, ModelSize
 from .layer_stats import trace_layer_stats
 from .sensitivity import _key, measure_sensitivity, search_space
@@ -129,7 +128,7 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
     # activation ranges were calibrated with the uniform weights upstream: calibrate again
     acts = quantizers_of(model, 'act')
     for q in acts:
-        q.initialized = False
+        q.reset_range()
     set_quant_state(model, True, True)
     if acts:
         calibrate_activations(model, calib.batches[:1], calib.forward)
@@ -165,7 +164,7 @@ def _search(model, calib, qcfg, mp, spaces, work_dir, logger, write):
     uniform = {str(b): costs_of(_uniform_options(spaces, b)) for b in sorted(set(mp['candidates']) | {2, 3, 4, 8})}
     m = UNIFORM_RE.match(bval) if isinstance(bval, str) else None
     budget = costs_of(_uniform_options(spaces, int(m[1])))[bkey] if m else float(bval)
-    budget_desc = f'{KEY}.budget.{bkey}={bval!r}' + (f' (= {budget:.6g})' if m else '')
+    budget_desc = f'quant_cfg.mixed_precision.budget.{bkey}={bval!r}' + (f' (= {budget:.6g})' if m else '')
 
     # per-layer cost of an option, for the Pareto filter and the infeasibility check
     def group_cost(sp, opt):

@@ -17,14 +17,15 @@ makes these terms additive over units, which is what the genetic search minimise
 Inside a unit the layers' bits interact (the paper's intra-block terms), so a unit's
 options are *per-layer* bit combinations, e.g. 27 for a BasicBlock with a downsample
 conv and candidates {2, 4, 8}. Up to ``max_combos`` combinations (or while the expansion
-below would not measure fewer) every one is measured; beyond, the unit's error is expanded to second order: measured with no searched layer
-quantized, with each single layer, and with each pair of layers quantized (the others at
-16 bits, i.e. practically float), then ``s(b) ~ e0 + sum_l (e_l - e0) + sum_{l<m} (e_lm -
+below would not measure fewer) every one is measured; beyond, the unit's error is
+expanded to second order: measured with no searched layer quantized, with each single
+layer, and with each pair of layers quantized (the others at 16 bits, i.e. practically
+float), then ``s(b) ~ e0 + sum_l (e_l - e0) + sum_{l<m} (e_lm -
 e_l - e_m + e0)``; the "diagonal" settings (every searched layer at the same bits) are
 always measured exactly. Layers fixed by ``keep_8bit`` / ``overrides`` keep their bits.
 
-Capture and Fisher weights are the reconstructor's own
-(:meth:`BlockReconstructor.float_targets`). Values are cached in a JSON file keyed by a
+Capture and Fisher weights are the reconstruction's own
+(:class:`mmbrecq.reconstruction.UnitTargets`). Values are cached in a JSON file keyed by a
 fingerprint of the model (weights, grids, activation ranges), the calibration data and
 the measurement settings, then by unit and bit setting: a second call (a rerun of the
 search, a resumed run) measures nothing it already has.
@@ -42,9 +43,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from mmengine.logging import print_log
 
-from mmbrecq.modules.quant_config import QuantConfig
-from mmbrecq.modules.quant_layers import QuantLayerMixin
-from mmbrecq.modules.swap import find_units, quantizers_of, set_quant_state, unit_layers
+from mmbrecq.modules import QuantConfig, QuantLayerMixin, quantizers_of, set_quant_state
+from mmbrecq.reconstruction import (
+    BlockReconstructor,
+    CacheBudget,
+    UnitData,
+    UnitTargets,
+    build_task_loss,
+    find_units,
+    optimise_unit,
+    probe_units,
+    unit_layers,
+)
+
 from .bits import set_weight_bits
 
 #: weight bits standing in for "not quantized" in partial settings (pairwise expansion)
@@ -84,19 +95,11 @@ def search_space(model, quant_cfg, candidates: Sequence[int]) -> List[UnitSpace]
     A layer matched by ``keep_8bit`` or by an ``overrides`` entry that sets ``w_bits`` is
     fixed at the bits ``quant_cfg`` gives it; every other layer may take any candidate.
     """
-    import fnmatch
     qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
     if not names:
         raise ValueError('the model has no quantized layer: pass it through quantize_model first')
     first, last = names[0], names[-1]
-
-    def fixed(name):
-        for p in qcfg.keep_8bit:
-            if (p == 'first' and name == first) or (p == 'last' and name == last) or (
-                    p not in ('first', 'last') and fnmatch.fnmatchcase(name, p)):
-                return True
-        return any('w_bits' in o and fnmatch.fnmatchcase(name, o['pattern']) for o in qcfg.overrides)
 
     spaces = []
     for unit in find_units(model):
@@ -104,7 +107,7 @@ def search_space(model, quant_cfg, candidates: Sequence[int]) -> List[UnitSpace]
         allowed, a_bits = [], []
         for n in layers:
             w, a = qcfg.bits_for(n, first, last)
-            allowed.append((w, ) if fixed(n) else tuple(candidates))
+            allowed.append((w, ) if qcfg.fixes_w_bits(n, first, last) else tuple(candidates))
             a_bits.append(a)
         spaces.append(UnitSpace(unit.name, layers, allowed, a_bits))
     return spaces
@@ -269,7 +272,6 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
         ``dict(table={unit: {bits tuple: value}}, estimated={unit: [bits tuples]},
         measured=<settings measured now>, cached=<settings read from the cache>, seconds)``.
     """
-    from mmbrecq.reconstruction import BlockReconstructor
     t0 = time.perf_counter()
     rcfg = dict(recon_cfg or {})
     rcfg.pop('type', None)
@@ -310,12 +312,10 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
 
 
 def _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, fisher_model, cache, fp, logger, seed):
-    from mmbrecq.reconstruction import CacheBudget, probe_units
-    from mmbrecq.reconstruction.optimize import UnitData, optimise_unit
     device = next(model.parameters()).device
     units, traces = probe_units(model, rec.units_of(model), calib)
-    by_name = {sp.name: sp for sp in spaces}
     budget = CacheBudget(device, **rec.cfg['cache'])
+    targets = UnitTargets(model, calib, budget, build_task_loss(rec.cfg['task_loss'], calib), rec.cfg['fisher_weight'])
     all_layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
     start_bits = {m: m.weight_quantizer.bits for m in all_layers}
     quant_params = {id(p) for q in quantizers_of(model) for p in q.parameters()}
@@ -325,29 +325,26 @@ def _measure_missing(model, calib, spaces, plan, rec, iters, act_quant, fisher_m
             p.requires_grad_(False)
     ranges = {}
     try:
-        set_quant_state(model, False, False)
-        with torch.no_grad():
-            fp_outputs = [calib.forward(model, b) for b in calib.batches]
+        targets.compute_float_outputs()
         for i, unit in enumerate(units):
             todo = plan[unit.name][3] if unit.name in plan else []
             if not todo:
                 continue
-            sp = by_name[unit.name]
             layers = list(unit_layers(unit).values())
             t0 = time.perf_counter()
             quantized = [u for u in units if u is not unit] if fisher_model == 'full' else units[:i]
-            x_fp, y_fp, weights = rec.float_targets(model, unit, traces[unit.name], calib, budget,
-                                                    fp_outputs, quantized)
+            x_fp, y_fp = targets.float_io(unit, traces[unit.name])
+            weights = targets.fisher(unit, traces[unit.name], quantized + [unit])
             snapshot = copy.deepcopy(unit.module.state_dict())
             acts = quantizers_of(unit.module, 'act')
-            act_scales = [q.scale.detach().clone() for q in acts]
+            act_ranges = [(q.scale.detach().clone(), q.zero_point.clone()) for q in acts]
             set_quant_state(model, False, False)
             values = {}
             try:
                 for bits in todo:
                     _set_unit_bits(layers, bits, ranges)
-                    for q, s in zip(acts, act_scales):
-                        q.scale.data.copy_(s)
+                    for q, r in zip(acts, act_ranges):
+                        q.load_qparams(*r)
                     if iters > 0:
                         data = UnitData(None, x_fp, y_fp, weights)
                         optimise_unit(unit, data, rec.cfg, seed + i)

@@ -1,11 +1,10 @@
 from .bn_fold import fold_bn, fold_conv_bn
 from .quant_config import QuantConfig
 from .quant_layers import QuantConv2d, QuantLayerMixin, QuantLinear, quant_twin
-from .swap import (Unit, calibrate_activations, find_units, quantize_model, quantizers_of,
-                   set_quant_state, unit_layers)
+from .quant_state import quantizers_of, set_quant_state
+from .swap import TAIL_ATTR, UNIT_ATTR, quantize_model
 
 __all__ = [
     'fold_bn', 'fold_conv_bn', 'QuantConfig', 'QuantConv2d', 'QuantLinear', 'QuantLayerMixin',
-    'quant_twin', 'quantize_model', 'find_units', 'Unit', 'set_quant_state', 'quantizers_of',
-    'calibrate_activations', 'unit_layers'
+    'quant_twin', 'quantize_model', 'set_quant_state', 'quantizers_of', 'UNIT_ATTR', 'TAIL_ATTR'
 ]

@@ -10,22 +10,22 @@ attribute access (``block.norm1``) keeps working.
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm):
-    """Fold ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none)."""
-    std = torch.sqrt(bn.running_var + bn.eps)
-    gamma = bn.weight if bn.affine else torch.ones_like(std)
-    beta = bn.bias if bn.affine else torch.zeros_like(std)
-    factor = gamma / std
-    conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.dim() - 1))))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * factor + beta
-    conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+    """Fold ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none), with
+    torch's own arithmetic (``torch.nn.utils.fusion``)."""
+    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None)
+    conv.weight.copy_(weight)
+    conv.bias = nn.Parameter(bias.detach().to(conv.weight.dtype))
 
 
-def _conv_before_norm(parent: nn.Module) -> bool:
+def conv_before_norm(parent: nn.Module) -> bool:
+    """Whether ``parent`` runs a conv child right before the norm child registered after it
+    (mmcv's ``ConvModule`` says so in ``order``; plain modules are assumed to)."""
     order = getattr(parent, 'order', None)  # mmcv ConvModule
     if isinstance(order, (tuple, list)) and 'conv' in order and 'norm' in order:
         return order.index('norm') == order.index('conv') + 1  # adjacent: nothing in between
@@ -41,7 +41,7 @@ def fold_bn(model: nn.Module):
         raise RuntimeError('fold_bn needs model.eval(): BatchNorm is folded with its running stats')
     folded = []
     for parent_name, parent in model.named_modules():
-        if not _conv_before_norm(parent):
+        if not conv_before_norm(parent):
             continue
         children = list(parent.named_children())
         for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):

@@ -1,72 +1,21 @@
-"""``quant_cfg``: the user's quantization settings, validated with errors that name the key."""
-import copy
+"""``quant_cfg`` as the swap reads it: which bits each layer gets."""
 import fnmatch
 
-from mmbrecq.quantizers import check_bits
+from mmbrecq.config import DEFAULTS, act_bits, validate_quant_cfg
 
-#: every key ``quant_cfg`` accepts, with its default. Sections read by later stages
-#: (calibration, reconstruction, mixed precision) are validated by those stages.
-DEFAULTS = dict(
-    w_bits=4,
-    a_bits=4,
-    keep_8bit=['first', 'last'],
-    overrides=[],
-    skip=[],
-    fold_bn=True,
-    weight_quantizer=dict(type='AdaRoundQuantizer', init='lp', p=2.4, num_candidates=100),
-    act_quantizer=dict(type='LSQQuantizer', init='lp', p=2.4, num_candidates=100),
-    block_rules=None,
-    calib=dict(),
-    recon=dict(),
-    mixed_precision=None,
-)
-FLOAT_ACT_BITS = (None, 32)
-
-
-def _check_act_bits(bits, key):
-    return None if bits in FLOAT_ACT_BITS else check_bits(bits, key)
+__all__ = ['QuantConfig', 'DEFAULTS']
 
 
 class QuantConfig:
-    """Parsed ``quant_cfg`` plus the per-layer bit decisions derived from it."""
+    """Parsed ``quant_cfg`` (validated and merged by :mod:`mmbrecq.config`, which owns every
+    key, default and check) plus the per-layer bit decisions derived from it."""
 
     def __init__(self, quant_cfg):
-        if quant_cfg is None:
-            raise ValueError('the config has no quant_cfg section: add quant_cfg=dict(w_bits=..., '
-                             'a_bits=...) (see configs/brecq/ and the README)')
-        cfg = dict(quant_cfg)
-        unknown = sorted(set(cfg) - set(DEFAULTS))
-        if unknown:
-            raise ValueError(f'unknown key(s) in quant_cfg: {unknown}; valid keys: {sorted(DEFAULTS)}')
-        merged = copy.deepcopy(DEFAULTS)
-        merged.update(copy.deepcopy(cfg))
-        self.cfg = merged
-        self.w_bits = check_bits(merged['w_bits'], 'quant_cfg.w_bits')
-        self.a_bits = _check_act_bits(merged['a_bits'], 'quant_cfg.a_bits')
-        for key in ('keep_8bit', 'skip', 'overrides'):
-            if merged[key] is not None and not isinstance(merged[key], (list, tuple)):
-                raise ValueError(f'quant_cfg.{key} must be a list, got {merged[key]!r}')
-        self.keep_8bit = list(merged['keep_8bit'] or [])
-        self.skip = list(merged['skip'] or [])
-        self.overrides = []
-        for i, o in enumerate(merged['overrides'] or []):
-            key = f'quant_cfg.overrides[{i}]'
-            if not isinstance(o, dict) or 'pattern' not in o:
-                raise ValueError(f'{key} must be a dict with a "pattern" key, got {o!r}')
-            extra = set(o) - {'pattern', 'w_bits', 'a_bits'}
-            if extra:
-                raise ValueError(f'{key} has unknown key(s) {sorted(extra)}; allowed: pattern, w_bits, a_bits')
-            if 'w_bits' in o:
-                check_bits(o['w_bits'], f'{key}.w_bits')
-            if 'a_bits' in o:
-                _check_act_bits(o['a_bits'], f'{key}.a_bits')
-            self.overrides.append(dict(o))
-        if merged['mixed_precision'] is not None:
-            from mmbrecq.mixed_precision.config import mp_config  # late: that package imports this one
-            mp_config(merged['mixed_precision'])
-        for key in ('weight_quantizer', 'act_quantizer'):
-            if not isinstance(merged[key], dict) or 'type' not in merged[key]:
-                raise ValueError(f'quant_cfg.{key} must be a dict with a "type" key')
+        self.cfg = validate_quant_cfg(quant_cfg)
+        self.w_bits, self.a_bits = self.cfg['w_bits'], self.cfg['a_bits']
+        self.keep_8bit = list(self.cfg['keep_8bit'] or [])
+        self.skip = list(self.cfg['skip'] or [])
+        self.overrides = [dict(o) for o in self.cfg['overrides'] or []]
 
     def __getitem__(self, key):
         return self.cfg[key]
@@ -89,15 +38,23 @@ class QuantConfig:
     def is_skipped(self, name):
         return any(fnmatch.fnmatchcase(name, p) for p in self.skip)
 
+    def _kept_8bit(self, name, first, last):
+        return any((p == 'first' and name == first) or (p == 'last' and name == last) or (
+            p not in ('first', 'last') and fnmatch.fnmatchcase(name, p)) for p in self.keep_8bit)
+
+    def fixes_w_bits(self, name, first, last):
+        """Whether the config pins the layer's weight bits (``keep_8bit`` or an override with
+        ``w_bits``): a mixed-precision search must leave them."""
+        return self._kept_8bit(name, first, last) or any(
+            'w_bits' in o and fnmatch.fnmatchcase(name, o['pattern']) for o in self.overrides)
+
     def bits_for(self, name, first, last):
         """(w_bits, a_bits) of the layer ``name``; ``a_bits`` is that of its input."""
         w, a = self.w_bits, self.a_bits
-        for p in self.keep_8bit:
-            if (p == 'first' and name == first) or (p == 'last' and name == last) or (
-                    p not in ('first', 'last') and fnmatch.fnmatchcase(name, p)):
-                w, a = max(w, 8), (None if a is None else max(a, 8))
+        if self._kept_8bit(name, first, last):
+            w, a = max(w, 8), (None if a is None else max(a, 8))
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o['pattern']):
                 w = o.get('w_bits', w)
-                a = _check_act_bits(o['a_bits'], 'a_bits') if 'a_bits' in o else a
+                a = act_bits(o['a_bits'], 'a_bits') if 'a_bits' in o else a
         return w, a

@@ -21,12 +21,6 @@ class QuantLayerMixin:
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
 
-    def set_quant_state(self, weight: bool = True, act: bool = True):
-        """Switch weight and activation quantization on or off (float reference = both off)."""
-        self.weight_quantizer.enabled = weight
-        if self.input_quantizer is not None:
-            self.input_quantizer.enabled = act
-
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
 

@@ -5,50 +5,16 @@ replaced by their quantized twins, activation quantizers placed by the block rul
 Nothing is traced and nothing global is patched, so mmdet heads, RoI code and the
 ``loss``/``predict``/``tensor`` modes of the model keep working on the same tree.
 """
-from dataclasses import dataclass
-
-import torch
 from torch import nn
 
-from mmbrecq.quantizers import UniformQuantizer
 from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
+
 from .bn_fold import fold_bn
 from .quant_config import QuantConfig
-from .quant_layers import QuantLayerMixin, quant_twin
-from mmbrecq.utils.dist import shard_range_init
+from .quant_layers import quant_twin
 
 UNIT_ATTR = '_mmbrecq_unit_kind'
 TAIL_ATTR = '_mmbrecq_unit_tail'
-
-
-@dataclass
-class Unit:
-    """One reconstruction unit: a block (several layers) or a single layer.
-
-    ``tail``: parameter-free modules that the model runs right after the unit (a ResNet
-    stem conv's BN, ReLU and max-pool; see :meth:`BlockRule.layer_tail`). The unit's
-    output is then the tail's output: the next block reads it directly, so the stem
-    learns that block's input step, as every block learns its successor's.
-    """
-    name: str
-    module: nn.Module
-    kind: str
-    tail: tuple = ()
-
-    @property
-    def is_block(self):
-        return not isinstance(self.module, QuantLayerMixin)
-
-    @property
-    def exit(self) -> nn.Module:
-        """The module whose output is the unit's output (where output hooks go)."""
-        return self.tail[-1] if self.tail else self.module
-
-    def forward(self, x):
-        x = self.module(x)
-        for m in self.tail:
-            x = m(x)
-        return x
 
 
 def _quantize_block_input(block, args):
@@ -85,23 +51,14 @@ class _QuantizerFactory:
         cfg = dict(self.w_cfg, bits=bits, num_channels=layer.weight.shape[0], ch_axis=0)
         if QUANTIZERS.get(cfg['type']).__name__ == 'AdaRoundQuantizer':
             cfg['weight_shape'] = tuple(layer.weight.shape)
-        q = build_from(QUANTIZERS, cfg).to(layer.weight.device)
-        q.role = 'weight'
+        q = build_from(QUANTIZERS, dict(cfg, role='weight')).to(layer.weight.device)
         q.init_range(layer.weight)
         return q
 
     def act(self, bits, device):
         if bits is None:
             return None
-        q = build_from(QUANTIZERS, dict(self.a_cfg, bits=bits)).to(device)
-        q.role = 'act'
-        return q
-
-
-def _set_submodule(model, name, new):
-    parent_name, _, child = name.rpartition('.')
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+        return build_from(QUANTIZERS, dict(self.a_cfg, bits=bits, role='act')).to(device)
 
 
 def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
@@ -132,7 +89,7 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
         w_bits, a_bits = qcfg.bits_for(name, first, last)
         in_q = factory.act(a_bits, device) if with_input_quantizer else None
         qlayer = quant_twin(layer).from_float(layer, factory.weight(layer, w_bits), in_q)
-        _set_submodule(model, name, qlayer)
+        model.set_submodule(name, qlayer)
         return qlayer
 
     def visit(prefix, module):
@@ -168,74 +125,4 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
                 visit(name + '.', child)
 
     visit('', model)
-    return model
-
-
-def find_units(model: nn.Module):
-    """The reconstruction units of a swapped model, in module-registration order."""
-    units, skip_prefix = [], None
-    for name, m in model.named_modules():
-        if skip_prefix is not None and name.startswith(skip_prefix):
-            continue
-        kind = getattr(m, UNIT_ATTR, None)
-        if kind is not None:
-            units.append(Unit(name, m, kind, _tail_modules(model, name, getattr(m, TAIL_ATTR, ()))))
-            skip_prefix = name + '.'
-    return units
-
-
-def _tail_modules(model, name, tail_names):
-    parent_name = name.rpartition('.')[0]
-    parent = model.get_submodule(parent_name) if parent_name else model
-    tail = tuple(getattr(parent, n, None) for n in tail_names)
-    missing = [n for n, m in zip(tail_names, tail) if m is None]
-    if missing:
-        raise ValueError(f'unit {name!r}: its tail modules {missing} are not children of {parent_name!r}')
-    return tail
-
-
-def quantizers_of(module: nn.Module, role=None):
-    """All quantizers under ``module`` (optionally only ``'weight'`` or ``'act'`` ones)."""
-    return [m for m in module.modules()
-            if isinstance(m, UniformQuantizer) and (role is None or getattr(m, 'role', None) == role)]
-
-
-def set_quant_state(module: nn.Module, weight: bool = True, act: bool = True):
-    """Enable/disable weight and activation quantization everywhere under ``module``."""
-    for q in quantizers_of(module):
-        q.enabled = weight if getattr(q, 'role', 'act') == 'weight' else act
-    return module
-
-
-def unit_layers(unit: Unit):
-    """``{relative name: quantized layer}`` of a unit (the unit itself for a layer unit)."""
-    if not unit.is_block:
-        return {'': unit.module}
-    return {n: m for n, m in unit.module.named_modules() if isinstance(m, QuantLayerMixin)}
-
-
-@torch.no_grad()
-def calibrate_activations(model: nn.Module, batches, forward=None):
-    """Initialise every activation quantizer's range from calibration batches.
-
-    Quantizers initialise on the first batch that reaches them, in execution order, so
-    each one sees inputs already quantized upstream (as at inference).
-    ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
-    """
-    acts = [q for q in quantizers_of(model, 'act') if q.enabled and not q.initialized]
-    for q in acts:
-        q.observing = True
-    try:
-        for batch in batches:
-            shard_range_init(acts, batch)  # several processes: ranges from the global batch
-            forward(model, batch) if forward is not None else model(batch)
-            if all(q.initialized for q in acts):
-                break
-    finally:
-        shard_range_init(acts, None)
-        for q in acts:
-            q.observing = False
-    missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]
-    if missing:
-        raise RuntimeError(f'activation quantizers never reached by the calibration data: {missing[:5]}')
     return model

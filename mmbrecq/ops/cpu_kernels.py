@@ -1,13 +1,12 @@
 """Fused one-pass CPU kernels for the reconstruction hot loop, with the torch code as fallback.
 
 Why: every reconstruction step runs the LSQ fake quantizer and the (Fisher-weighted)
-squared error on whole activation batches, e.g. 32x64x56x56 = 6.4 M floats. Measured on a
-2-core CPU, an in-place element-wise op on such a tensor costs about 0.3 ms, a fresh
-allocation about 2 ms (page faults), bool-mask ops (``torch.where``, ``masked_fill``)
-about 14 ms and ``x * bool_mask`` about 4.5 ms; the torch autograd nodes chain several
-such passes (``_FakeQuantLSQ`` about 14 ms forward + 5 ms backward, ``_WeightedSquaredError``
-about 8 ms). The kernels in ``csrc/fused_quant.cpp`` do each node in one sweep over the
-data with as few fresh buffers as possible.
+squared error on whole activation batches, e.g. 32x64x56x56 = 6.4 M floats. On a CPU the
+torch code of these autograd nodes chains several passes over such a tensor, fresh
+allocations (page faults) and bool-mask ops, which cost far more than the arithmetic
+(``benchmarks/bench_fused_kernels.py`` measures both). The kernels in
+``csrc/fused_quant.cpp`` do each node in one sweep over the data with as few fresh
+buffers as possible. Which implementation runs is decided in :mod:`.dispatch`.
 
 They compute the same float32 operations in the same order as the torch code (built with
 ``-ffp-contract=off``), so element-wise outputs are bit for bit the torch ones; reductions
@@ -217,9 +216,9 @@ def squared_error_forward(out, target, weight, count, quant=None, need_grad_out=
 
 def adaround_channels(alpha, w, scale, zero_point):
     """``(scale, zero_point)`` as contiguous per-output-channel vectors when the AdaRound
-    kernels can take these tensors (float32 CPU, alpha contiguous, grid per channel of dim 0
-    or per tensor, kernels built, not tracing), else ``None``."""
-    if w.dim() == 0 or not alpha.is_contiguous() or not kernels_apply(alpha, w):
+    kernels can take this grid (float32 CPU, per channel of dim 0 or per tensor), else
+    ``None`` (the tensors themselves are checked by :func:`mmbrecq.ops.dispatch.select`)."""
+    if w.dim() == 0:
         return None
     channels = w.shape[0]
     vecs = []

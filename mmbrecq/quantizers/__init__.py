@@ -1,10 +1,10 @@
 from .adaround import AdaRoundQuantizer
-from .functional import fake_quant, grad_scale, qparams_from_range, round_ste
+from .functional import fake_quant, qparams_from_range, round_ste
 from .lsq import LSQQuantizer
 from .range_search import lp_search_range, minmax_range
-from .uniform import VALID_BITS, UniformQuantizer, check_bits
+from .uniform import VALID_BITS, UniformQuantizer, check_bits, grid_bounds
 
 __all__ = [
-    'UniformQuantizer', 'LSQQuantizer', 'AdaRoundQuantizer', 'fake_quant', 'grad_scale', 'round_ste',
-    'qparams_from_range', 'lp_search_range', 'minmax_range', 'VALID_BITS', 'check_bits'
+    'UniformQuantizer', 'LSQQuantizer', 'AdaRoundQuantizer', 'fake_quant', 'round_ste',
+    'qparams_from_range', 'lp_search_range', 'minmax_range', 'VALID_BITS', 'check_bits', 'grid_bounds'
 ]

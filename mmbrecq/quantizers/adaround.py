@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mmbrecq.registry import MODELS, QUANTIZERS
+
 from .adaround_functional import rounding_loss, soft_weight
 from .uniform import UniformQuantizer
 
@@ -24,6 +25,7 @@ class AdaRoundQuantizer(UniformQuantizer):
     """
 
     def __init__(self, bits=4, weight_shape=None, zeta=1.1, gamma=-0.1, **kwargs):
+        kwargs.setdefault('role', 'weight')
         super().__init__(bits=bits, **kwargs)
         if weight_shape is None:
             raise ValueError('AdaRoundQuantizer needs weight_shape (to hold one alpha per weight)')
@@ -48,6 +50,12 @@ class AdaRoundQuantizer(UniformQuantizer):
         s = self._broadcast(self.scale, w)
         rest = (w / s - torch.floor(w / s)).clamp(1e-6, 1 - 1e-6)
         self.alpha.data.copy_(-torch.log((self.zeta - self.gamma) / (rest - self.gamma) - 1))
+
+    def set_bits(self, bits: int):
+        """Re-grid at ``bits``, back to nearest rounding (alpha is placed again from the new
+        grid when soft rounding starts)."""
+        self.set_rounding('nearest')
+        super().set_bits(bits)
 
     def set_rounding(self, mode: str, w: torch.Tensor = None):
         """Switch rounding; entering ``'soft'`` from ``'nearest'`` initialises alpha from ``w``."""

@@ -5,14 +5,15 @@ Written as compositions (``sigmoid → affine → clamp → + floor(w/s) → cla
 kernels, each a pass over all the weights, every reconstruction step. Here the forward
 computes, under no-grad, the value *and* its derivative w.r.t. ``alpha`` (everything
 else is constant while a unit is optimised), so the graph holds one node and the
-backward is a single multiply. On CPU the elementwise glue around torch's vectorised
-sigmoid and pow is one sweep of a compiled kernel (:mod:`mmbrecq.ops.cpu_kernels`). The
+backward is a single multiply. Where :func:`mmbrecq.ops.dispatch.select` picks a backend
+(CPU), the elementwise glue around torch's vectorised sigmoid and pow is one sweep of a
+compiled kernel. The
 soft weight equals the composed formula bit for bit, the gradients up to the order of
 the float multiplications (tests/test_quantizers_adaround_functional.py compares them).
 """
 import torch
 
-from mmbrecq.ops import cpu_kernels
+from mmbrecq.ops import dispatch
 
 
 def rectified_sigmoid(alpha, zeta, gamma):
@@ -41,9 +42,10 @@ class _SoftWeight(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, w, scale, zero_point, qmin, qmax, zeta, gamma):
-        grid = cpu_kernels.adaround_channels(alpha, w, scale, zero_point)
-        if grid is not None:  # CPU: one sweep after torch's sigmoid, same operations and order
-            out, dw_dalpha = cpu_kernels.adaround_soft_forward(alpha, w, *grid, qmin, qmax, zeta, gamma)
+        backend = dispatch.select('adaround_soft', alpha, w, ints=(qmin, qmax), contiguous=(alpha, ))
+        grid = backend.adaround_channels(alpha, w, scale, zero_point) if backend is not None else None
+        if grid is not None:  # one sweep after torch's sigmoid, same operations and order
+            out, dw_dalpha = backend.adaround_soft_forward(alpha, w, *grid, qmin, qmax, zeta, gamma)
             ctx.save_for_backward(dw_dalpha)
             return out
         h, dh = rectified_sigmoid(alpha, zeta, gamma)
@@ -68,9 +70,10 @@ class _RoundingLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, alpha, zeta, gamma, beta):
-        if alpha.is_contiguous() and cpu_kernels.kernels_apply(alpha):
-            # CPU: |2h-1|^beta as |2h-1| * |2h-1|^(beta-1) (the pow the gradient needs anyway)
-            loss, grad = cpu_kernels.adaround_rounding_loss(alpha, zeta, gamma, beta)
+        backend = dispatch.select('adaround_rounding_loss', alpha, contiguous=(alpha, ))
+        if backend is not None:
+            # |2h-1|^beta as |2h-1| * |2h-1|^(beta-1) (the pow the gradient needs anyway)
+            loss, grad = backend.adaround_rounding_loss(alpha, zeta, gamma, beta)
             ctx.save_for_backward(grad)
             return alpha.new_tensor(loss)
         h, dh = rectified_sigmoid(alpha, zeta, gamma)

@@ -6,18 +6,12 @@ are tested once, here.
 """
 import torch
 
-from mmbrecq.ops import cpu_kernels
+from mmbrecq.ops import dispatch
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round to nearest with a straight-through gradient (d round(x)/dx := 1)."""
     return x + (torch.round(x) - x).detach()
-
-
-def grad_scale(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """Identity in the forward pass, gradient multiplied by ``scale`` (LSQ, Esser et al.)."""
-    y = x * scale
-    return x.detach() + (y - y.detach())
 
 
 def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
@@ -61,12 +55,8 @@ def lp_error(x: torch.Tensor, y: torch.Tensor, p: float, dim=None) -> torch.Tens
     return err.sum() if dim is None else err.sum(dim=dim)
 
 
-def _lsq_kernel_applies(x, scale, zero_point, qmin, qmax):
-    """Whether :func:`fake_quant_lsq` may run the fused CPU kernel: float32 CPU input, a
-    per-tensor step and zero point (one element, not widening ``x``'s shape), integer grid
-    bounds, not under tracing / compilation, and the kernels built (see :mod:`mmbrecq.ops`)."""
-    return (isinstance(qmin, int) and isinstance(qmax, int)
-            and cpu_kernels.kernels_apply(x, per_tensor=(scale, zero_point)))
+def _backend(x, scale, zero_point, qmin, qmax):
+    return dispatch.select('fake_quant', x, per_tensor=(scale, zero_point), ints=(qmin, qmax))
 
 
 class _FakeQuantLSQ(torch.autograd.Function):
@@ -79,10 +69,10 @@ class _FakeQuantLSQ(torch.autograd.Function):
     so the backward is one multiply and one reduction. This runs on every activation of
     every reconstruction step: its memory traffic is the per-iteration overhead.
 
-    On CPU (float32, per-tensor step) the forward and the backward are each one sweep of
-    a compiled kernel (:mod:`mmbrecq.ops.cpu_kernels`): the torch code below takes about
-    14 ms forward + 5 ms backward on a 32x64x56x56 activation, mostly bool-mask passes
-    and fresh buffers. The kernel's values are the torch code's bit for bit; the step
+    Where :func:`mmbrecq.ops.dispatch.select` picks a backend (CPU, float32, per-tensor
+    step), the forward and the backward are each one sweep of a compiled kernel instead of
+    the torch code's bool-mask passes and fresh buffers (``benchmarks/bench_fused_kernels.py``
+    measures both). The kernel's values are the torch code's bit for bit; the step
     gradient is summed in double. Its backward writes the input gradient into the saved
     ``dscale`` buffer (no fresh allocation), so a second backward through the same graph
     (``retain_graph=True``) raises PyTorch's "modified by an inplace operation" error.
@@ -91,9 +81,9 @@ class _FakeQuantLSQ(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, grad_factor):
         ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
-        ctx.kernel = _lsq_kernel_applies(x, scale, zero_point, qmin, qmax)
-        if ctx.kernel:
-            out, dscale, inside = cpu_kernels.fake_quant_forward(
+        ctx.kernel = _backend(x, scale, zero_point, qmin, qmax)
+        if ctx.kernel is not None:
+            out, dscale, inside = ctx.kernel.fake_quant_forward(
                 x, scale, zero_point, qmin, qmax, need_dscale=ctx.needs_input_grad[1],
                 need_mask=ctx.needs_input_grad[0])
             ctx.save_for_backward(inside, dscale)
@@ -113,10 +103,10 @@ class _FakeQuantLSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inside, dscale = ctx.saved_tensors
-        if (ctx.kernel and not torch.is_grad_enabled() and grad.device.type == 'cpu'
-                and grad.dtype == torch.float32 and cpu_kernels.get_cpu_kernels() is not None):
+        if (ctx.kernel is not None and not torch.is_grad_enabled()
+                and dispatch.select('fake_quant', grad) is ctx.kernel):
             # one sweep: sum(grad * dscale), then grad * inside written over dscale
-            grad_x, total = cpu_kernels.fake_quant_backward(grad, dscale, inside, ctx.needs_input_grad[0])
+            grad_x, total = ctx.kernel.fake_quant_backward(grad, dscale, inside, ctx.needs_input_grad[0])
             grad_s = None
             if dscale is not None:
                 grad_s = grad.new_full(ctx.scale_shape, total * ctx.grad_factor)
@@ -131,15 +121,14 @@ class _FakeQuantLSQ(torch.autograd.Function):
 def fake_quant_lsq(x, scale, zero_point, qmin, qmax, grad_factor=1.0):
     """Fused :func:`fake_quant` whose step gradient is scaled by ``grad_factor`` (LSQ).
 
-    (PyTorch's own ``_fake_quantize_learnable_per_tensor_affine`` was measured as an
-    alternative: on a quiet 2-core CPU it is slower than this node, 22-25 ms against
-    15-19 ms forward+backward on a 6.4 M-element activation, and it rounds ``x * (1/s)``
-    instead of ``x / s``.)
+    (PyTorch's own ``_fake_quantize_learnable_per_tensor_affine`` is not used: it rounds
+    ``x * (1/s)`` instead of ``x / s``, and was measured slower than this node on CPU.)
 
     Without any gradient to compute (grad mode off, or neither ``x`` nor ``scale``
     requiring one) the CPU kernel gives just the output, with no autograd node.
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or getattr(scale, 'requires_grad', False))) \
-            and _lsq_kernel_applies(x, scale, zero_point, qmin, qmax):
-        return cpu_kernels.fake_quant_forward(x, scale, zero_point, qmin, qmax)[0]
+    if not (torch.is_grad_enabled() and (x.requires_grad or getattr(scale, 'requires_grad', False))):
+        backend = _backend(x, scale, zero_point, qmin, qmax)
+        if backend is not None:
+            return backend.fake_quant_forward(x, scale, zero_point, qmin, qmax)[0]
     return _FakeQuantLSQ.apply(x, scale, zero_point, qmin, qmax, grad_factor)

@@ -4,6 +4,7 @@ import math
 import torch
 
 from mmbrecq.registry import MODELS, QUANTIZERS
+
 from .functional import fake_quant_lsq
 from .uniform import UniformQuantizer
 
@@ -18,16 +19,35 @@ class LSQQuantizer(UniformQuantizer):
     ``1/sqrt(features * qmax)`` (Esser et al., 2020) so that its update is comparable to
     the weights' whatever the layer size. The zero point stays fixed.
 
-    ``drop_prob`` > 0 is QDrop's random dropping of the quantization: during
-    optimisation each element keeps its float value with that probability.
+    QDrop (:meth:`set_qdrop`): during optimisation (training mode) each element keeps its
+    *quantized* value with probability ``qdrop_prob`` and its float value otherwise, the
+    convention of ``quant_cfg.recon.qdrop_prob``; ``None`` is no QDrop.
     """
 
     def __init__(self, bits=8, grad_scale=True, **kwargs):
         kwargs.setdefault('num_channels', None)
+        kwargs.setdefault('role', 'act')
         super().__init__(bits=bits, **kwargs)
         self.use_grad_scale = grad_scale
-        self.drop_prob = 0.0
+        self.qdrop_prob = None
         self.scale.requires_grad_(True)
+
+    def set_qdrop(self, prob=None):
+        """QDrop on (``prob``: probability of keeping the quantized value, in (0, 1]) or off."""
+        if prob is not None and not 0 < prob <= 1:
+            raise ValueError(f'qdrop_prob must be in (0, 1] or None, got {prob!r}')
+        self.qdrop_prob = None if prob == 1 else prob
+
+    @property
+    def fusable(self) -> bool:
+        """Whether :meth:`forward` is exactly the per-tensor LSQ fake quantizer right now, so
+        that a fused kernel (:func:`mmbrecq.reconstruction.objective.quantized_reconstruction_loss`)
+        may stand in for it: enabled, initialised, per-tensor, no QDrop in training, no hook.
+        A subclass whose :meth:`quantize` computes something else returns False.
+        """
+        return (self.enabled and self.initialized and self.ch_axis is None
+                and not (self.qdrop_prob is not None and self.training)
+                and not (self._forward_hooks or self._forward_pre_hooks))
 
     def step_grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's scale of the step gradient for input ``x``: ``1/sqrt(features * qmax)``
@@ -40,7 +60,7 @@ class LSQQuantizer(UniformQuantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant_lsq(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.qmin,
                             self.qmax, self.step_grad_factor(x))
-        if self.drop_prob > 0 and self.training:
-            keep_float = torch.rand_like(x) < self.drop_prob
+        if self.qdrop_prob is not None and self.training:
+            keep_float = torch.rand_like(x) < 1 - self.qdrop_prob
             xq = torch.where(keep_float, x, xq)
         return xq

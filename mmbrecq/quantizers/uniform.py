@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mmbrecq.registry import MODELS, QUANTIZERS
+
 from .functional import fake_quant, qparams_from_range
 from .range_search import lp_search_range, minmax_range
 
@@ -15,6 +16,14 @@ def check_bits(bits, key='bits'):
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in VALID_BITS:
         raise ValueError(f'{key}={bits!r} is not a supported bit width; choose one of {VALID_BITS}')
     return bits
+
+
+def grid_bounds(bits, symmetric=False, signed=True):
+    """``(qmin, qmax)`` of a ``bits``-wide grid: ``[-2^(b-1), 2^(b-1)-1]`` for a signed
+    symmetric grid, ``[0, 2^b-1]`` otherwise."""
+    if symmetric and signed:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
 
 
 @MODELS.register_module()  # also buildable from any config as type='mmbrecq.X'
@@ -31,16 +40,19 @@ class UniformQuantizer(nn.Module):
         signed: for symmetric grids, ``[-2^(b-1), 2^(b-1)-1]`` instead of ``[0, 2^b-1]``.
         init: ``'lp'`` (Lp-error search, the paper's) or ``'minmax'``.
         p, num_candidates: the Lp search's exponent and number of shrink factors.
+        role: ``'weight'``, ``'act'`` (what :func:`mmbrecq.modules.quantizers_of` selects by)
+            or ``None`` (a stand-alone quantizer).
 
-    The range is set by :meth:`init_range` (or on the first forward while
-    :attr:`observing` is true); using an uninitialised quantizer is an error rather than a
-    silent pass-through. ``enabled=False`` turns it into the identity.
+    The range is set by :meth:`init_range` (or on the first forward between
+    :meth:`start_observing` and :meth:`stop_observing`); using an uninitialised quantizer
+    is an error rather than a silent pass-through. ``enabled=False`` turns it into the
+    identity. Other code changes the grid and the range only through :meth:`set_bits`,
+    :meth:`init_range` and :meth:`load_qparams`.
     """
 
     def __init__(self, bits=8, num_channels=None, ch_axis=0, symmetric=False, signed=True,
-                 init='lp', p=2.4, num_candidates=100):
+                 init='lp', p=2.4, num_candidates=100, role=None):
         super().__init__()
-        self.bits = check_bits(bits)
         if init not in ('lp', 'minmax'):
             raise ValueError(f"init={init!r}: expected 'lp' or 'minmax'")
         self.num_channels = num_channels
@@ -50,16 +62,16 @@ class UniformQuantizer(nn.Module):
         self.init = init
         self.p = p
         self.num_candidates = num_candidates
-        if symmetric and signed:
-            self.qmin, self.qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        else:
-            self.qmin, self.qmax = 0, (1 << bits) - 1
+        if role not in (None, 'weight', 'act'):
+            raise ValueError(f"role={role!r}: expected 'weight', 'act' or None")
+        self.role = role
+        self.bits, (self.qmin, self.qmax) = check_bits(bits), grid_bounds(bits, symmetric, signed)
         shape = () if num_channels is None else (num_channels, )
         self.scale = nn.Parameter(torch.ones(shape), requires_grad=False)
         self.register_buffer('zero_point', torch.zeros(shape))
         self.initialized = False
         self.observing = False
-        self.shard_samples = None  # several processes: samples of this rank's part of the range batch
+        self._reducer = None  # while observing: how statistics combine over processes
         self.enabled = True
 
     # -- state ---------------------------------------------------------------------------
@@ -88,27 +100,50 @@ class UniformQuantizer(nn.Module):
         return t.view(shape)
 
     @torch.no_grad()
-    def init_range(self, x: torch.Tensor):
-        """Set scale and zero point from ``x`` (min-max or Lp search)."""
-        if getattr(self, 'shard_samples', None):  # ``x`` is this rank's part: statistics reduced over ranks
-            from mmbrecq.utils.dist import sharded_range
-            lo, hi = sharded_range(x, self, self.shard_samples)
-        elif self.init == 'lp':
+    def init_range(self, x: torch.Tensor, reducer=None):
+        """Set scale and zero point from ``x`` (min-max or Lp search).
+
+        ``reducer``: ``x`` is one process's part of the data, and the statistics are
+        combined over processes (:class:`mmbrecq.utils.dist.ShardReducer`).
+        """
+        if self.init == 'lp':
             lo, hi = lp_search_range(x, self.qmin, self.qmax, self.symmetric, self.ch_axis, self.p,
-                                     self.num_candidates)
+                                     self.num_candidates, reducer=reducer)
         else:
-            lo, hi = minmax_range(x, self.ch_axis)
-        scale, zp = qparams_from_range(lo, hi, self.qmin, self.qmax, self.symmetric)
+            lo, hi = minmax_range(x, self.ch_axis, reducer=reducer)
+        self.load_qparams(*qparams_from_range(lo, hi, self.qmin, self.qmax, self.symmetric))
+
+    @torch.no_grad()
+    def load_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor):
+        """Set the range from a known scale and zero point (saved, memoised or exported)."""
         self.scale.data.copy_(scale)
-        self.zero_point.copy_(zp)
+        self.zero_point.copy_(zero_point)
         self.initialized = True
+
+    def set_bits(self, bits: int):
+        """Re-grid at ``bits``; the range must then be initialised again."""
+        self.bits = check_bits(bits, 'bits')
+        self.qmin, self.qmax = grid_bounds(bits, self.symmetric, self.signed)
+        self.initialized = False
+
+    def reset_range(self):
+        """Forget the range (the next calibration initialises it again)."""
+        self.initialized = False
+
+    def start_observing(self, reducer=None):
+        """Initialise the range on the next forward (calibration); ``reducer`` as in
+        :meth:`init_range`."""
+        self.observing, self._reducer = True, reducer
+
+    def stop_observing(self):
+        self.observing, self._reducer = False, None
 
     def _check_ready(self, x):
         if not self.initialized:
             if not self.observing:
                 raise RuntimeError(f'{type(self).__name__} used before its range was initialised; '
                                    'calibrate the model first (mmbrecq.calibrate_activations)')
-            self.init_range(x)
+            self.init_range(x, self._reducer)
 
     # -- forward -------------------------------------------------------------------------
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -124,8 +124,8 @@ class SampleCache:
         """Samples ``index`` (a tensor on the cache's own device), on the compute device.
 
         ``reuse=True`` (the optimisation loop, which holds a batch for one step only) writes
-        into the buffer of the previous call when it has the same size: a fresh 25 MB
-        batch costs ~1.3 ms of page faults on a CPU, more than the copy itself.
+        into the buffer of the previous call when it has the same size: on a CPU the page
+        faults of a fresh batch-sized buffer cost more than the copy itself.
         """
         if self.where == 'device' or self.budget.device.type == 'cpu':  # no copy to another device
             index = index.to(self.data.device)

@@ -14,57 +14,19 @@ Three ways, cheapest first:
   pyramid level), their shapes, and which units are chained.
 """
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from mmengine.logging import print_log
 
-from mmbrecq.modules.swap import Unit, set_quant_state
+from mmbrecq.modules import set_quant_state
+from mmbrecq.utils.batch import batch_size
+
+from .calibration import CalibrationSet
+from .units import Unit, UnitTrace
 
 
 class StopForward(Exception):
     """Raised by a capture hook once the unit it watches is done: the rest never runs."""
-
-
-def batch_size(batch):
-    if isinstance(batch, torch.Tensor):
-        return batch.shape[0]
-    if isinstance(batch, dict):
-        return batch_size(batch['inputs'])
-    if isinstance(batch, (list, tuple)):
-        return batch_size(batch[0])
-    raise TypeError(f'cannot tell the batch size of a {type(batch).__name__} calibration batch')
-
-
-class CalibrationSet:
-    """Calibration batches (already preprocessed) and how to run the model on one.
-
-    Args:
-        batches: a list of batches; a batch is whatever ``forward(model, batch)`` takes.
-        forward: ``forward(model, batch) -> output`` in the model's raw-tensor mode
-            (default: ``model(batch)``; the PTQ loop passes mmengine's
-            ``model(**batch, mode='tensor')``).
-        task_loss: the ``TASK_LOSSES`` config whose gradient gives the Fisher weights when
-            ``quant_cfg.recon.task_loss`` is not set: it must understand what ``forward``
-            returns (default: ``ClassificationKL`` on logits).
-    """
-
-    def __init__(self, batches, forward=None, task_loss=None):
-        self.batches = list(batches)
-        self.task_loss = dict(task_loss or dict(type='ClassificationKL'))
-        if not self.batches:
-            raise ValueError('the calibration set is empty')
-        self.forward = forward or (lambda model, batch: model(batch))
-        self.sizes = [batch_size(b) for b in self.batches]
-        self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
-        self.num_samples = sum(self.sizes)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def chunks(self):
-        """``(start, stop)`` sample ranges of the batches, for chunked carry-forward."""
-        return [(o, o + s) for o, s in zip(self.offsets, self.sizes)]
 
 
 def _first_tensor(args, unit_name):
@@ -72,21 +34,6 @@ def _first_tensor(args, unit_name):
         raise TypeError(f'unit {unit_name!r}: its first positional input is not a tensor; '
                         'register a block rule whose unit takes a tensor')
     return args[0]
-
-
-@dataclass
-class UnitTrace:
-    """What the probe learned about one unit."""
-    order: int = -1
-    in_shapes: list = field(default_factory=list)   # per call, without the batch dim
-    out_shapes: list = field(default_factory=list)
-    in_rows: list = field(default_factory=list)     # per call, rows per sample (RoI heads: proposals)
-    out_rows: list = field(default_factory=list)
-    chained: bool = False                           # input of every call = previous unit's output
-
-    @property
-    def calls(self):
-        return len(self.in_shapes)
 
 
 def _rows_per_sample(t, n, unit_name, what):

@@ -20,9 +20,10 @@ independent across the global batch as in one process, but not the same draws.
 With one process every method here is the identity and no collective runs.
 """
 import torch
-from mmengine.dist import all_reduce, broadcast
+from mmengine.dist import all_reduce, broadcast, get_dist_info
 
-from mmbrecq.utils.dist import shard_size, world
+from mmbrecq.modules import quantizers_of
+from mmbrecq.utils.dist import shard_size
 
 #: seed offset between ranks for the QDrop masks (a prime, so rank seeds never collide
 #: with the per-unit seeds ``seed + unit_index`` of nearby units)
@@ -38,7 +39,7 @@ class StepSharding:
     """
 
     def __init__(self, data, batch_size):
-        self.rank, self.world_size = world()
+        self.rank, self.world_size = get_dist_info()
         self.batch_size = batch_size
         self.total = data.num_samples
         self.index_device = data.index_device
@@ -107,17 +108,16 @@ class StepSharding:
 
 def mask_seed(seed):
     """Seed of the QDrop masks: ``seed`` on one process, distinct per rank otherwise."""
-    rank, world_size = world()
+    rank, world_size = get_dist_info()
     return seed if world_size == 1 else seed + RANK_SEED_STRIDE * rank
 
 
 @torch.no_grad()
 def broadcast_quantizers(*modules):
     """Rank 0's quantization parameters and buffers (alpha, steps, zero points) on every rank."""
-    _, world_size = world()
+    _, world_size = get_dist_info()
     if world_size == 1:
         return
-    from mmbrecq.modules.swap import quantizers_of
     for module in modules:
         if module is None:
             continue

@@ -1,9 +1,8 @@
 """The reconstruction objective: output error (optionally Fisher-weighted) + rounding term."""
 import torch
 
-from mmbrecq.ops import cpu_kernels
-
-FISHER_WEIGHTS = ('normalized', 'abs_plus_one', 'raw')
+from mmbrecq.config import FISHER_WEIGHTS
+from mmbrecq.ops import dispatch
 
 
 def fisher_weight(grad: torch.Tensor, mode: str, mean_sq: float = None) -> torch.Tensor:
@@ -24,12 +23,6 @@ def fisher_weight(grad: torch.Tensor, mode: str, mean_sq: float = None) -> torch
     raise ValueError(f'quant_cfg.recon.fisher_weight={mode!r}: expected one of {FISHER_WEIGHTS}')
 
 
-def _loss_kernel_applies(out, target, weight):
-    """Whether the squared-error nodes may run the fused CPU kernel: float32 CPU tensors of
-    one shape, not under tracing / compilation, kernels built (see :mod:`mmbrecq.ops`)."""
-    return cpu_kernels.kernels_apply(out, target, weight)
-
-
 def _scaled_buffer(buf, grad):
     """``buf * grad`` for the scalar incoming gradient; ``buf`` itself when that is exactly 1
     (the usual ``loss.backward()``) and no graph of the gradient is being built."""
@@ -42,18 +35,19 @@ class _WeightedSquaredError(torch.autograd.Function):
     """``sum(w * (out - target)^2) / count`` as one node: the forward keeps ``w * err``,
     the backward is a single scaled copy of it (no pow/mul/sum graph per step).
 
-    On CPU (float32) the forward is one sweep of a compiled kernel (about 8 ms of torch
-    passes on a 32x64x56x56 activation otherwise, see :mod:`mmbrecq.ops.cpu_kernels`): it
-    sums the loss in double and writes ``w * err * (2 / count)``, the gradient for an
-    incoming gradient of 1, which the backward then returns as it is (or scaled).
+    Where :func:`mmbrecq.ops.dispatch.select` picks a backend (CPU, float32) the forward is
+    one sweep of a compiled kernel: it sums the loss in double and writes
+    ``w * err * (2 / count)``, the gradient for an incoming gradient of 1, which the
+    backward then returns as it is (or scaled).
     """
 
     @staticmethod
     def forward(ctx, out, target, weight, count):
         ctx.count = count
-        ctx.kernel = _loss_kernel_applies(out, target, weight)
+        backend = dispatch.select('squared_error', out, target, weight)
+        ctx.kernel = backend is not None
         if ctx.kernel:
-            total, buf, _ = cpu_kernels.squared_error_forward(out, target, weight, count,
+            total, buf, _ = backend.squared_error_forward(out, target, weight, count,
                                                               need_grad_out=ctx.needs_input_grad[0])
             ctx.save_for_backward(buf)
             return out.new_tensor(total / count)
@@ -78,11 +72,11 @@ def reconstruction_loss(out: torch.Tensor, target: torch.Tensor, weight: torch.T
     """Squared error (optionally weighted) summed over channels (dim 1), averaged over the
     rest (batch and positions), as in BRECQ."""
     count = _loss_count(out)
-    if not (torch.is_grad_enabled() and out.requires_grad) and count > 0 \
-            and _loss_kernel_applies(out, target, weight):
-        # nothing to differentiate: the kernel's loss alone, no gradient buffer, no node
-        total = cpu_kernels.squared_error_forward(out, target, weight, count, need_grad_out=False)[0]
-        return out.new_tensor(total / count)
+    if not (torch.is_grad_enabled() and out.requires_grad) and count > 0:
+        backend = dispatch.select('squared_error', out, target, weight)
+        if backend is not None:  # nothing to differentiate: the kernel's loss alone, no node
+            total = backend.squared_error_forward(out, target, weight, count, need_grad_out=False)[0]
+            return out.new_tensor(total / count)
     return _WeightedSquaredError.apply(out.contiguous(), target.contiguous(),
                                        None if weight is None else weight.contiguous(), count)
 
@@ -95,14 +89,14 @@ class _QuantizedSquaredError(torch.autograd.Function):
     the loss (summed in double), ``d loss / d out = 2 * w * err * inside / count`` (one
     buffer) and ``d loss / d s = grad_factor * sum(2 * w * err * dscale) / count`` (LSQ's
     step gradient, see :func:`mmbrecq.quantizers.functional.fake_quant`); the backward only
-    scales them by the incoming gradient. Unfused, the same step costs the fake-quant
-    node's ~14 ms + 5 ms and the loss node's ~8 ms of passes over a 32x64x56x56 activation.
+    scales them by the incoming gradient: one pass over the activation where the unfused
+    composition makes several.
     """
 
     @staticmethod
-    def forward(ctx, out, scale, target, weight, zero_point, qmin, qmax, grad_factor, count):
-        need_out, need_scale = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        total, buf, scale_sum = cpu_kernels.squared_error_forward(
+    def forward(ctx, backend, out, scale, target, weight, zero_point, qmin, qmax, grad_factor, count):
+        need_out, need_scale = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        total, buf, scale_sum = backend.squared_error_forward(
             out, target, weight, count, quant=(scale, zero_point, qmin, qmax), need_grad_out=need_out,
             need_grad_scale=need_scale)
         ctx.save_for_backward(buf)
@@ -112,33 +106,21 @@ class _QuantizedSquaredError(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         buf, = ctx.saved_tensors
-        grad_out = _scaled_buffer(buf, grad) if ctx.needs_input_grad[0] else None
+        grad_out = _scaled_buffer(buf, grad) if ctx.needs_input_grad[1] else None
         grad_scale = None
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[2]:
             grad_scale = (grad * ctx.scale_grad).reshape(ctx.scale_shape)
-        return grad_out, grad_scale, None, None, None, None, None, None, None
+        return None, grad_out, grad_scale, None, None, None, None, None, None, None
 
 
-def _fused_quantizer_applies(quantizer, out, target, weight):
-    """The fused node reproduces ``quantizer(out)`` exactly when ``quantizer`` is an enabled,
-    initialised, per-tensor LSQ quantizer (class methods not overridden, no hooks) without
-    QDrop in training, and the tensors suit the CPU kernel."""
-    from mmbrecq.quantizers.lsq import LSQQuantizer
-    from mmbrecq.quantizers.uniform import UniformQuantizer
-    cls = type(quantizer)
-    if not (isinstance(quantizer, LSQQuantizer) and cls.quantize is LSQQuantizer.quantize
-            and cls.forward is UniformQuantizer.forward and cls._broadcast is UniformQuantizer._broadcast):
-        return False
-    if not quantizer.enabled or not quantizer.initialized:
-        return False
-    if quantizer.drop_prob > 0 and quantizer.training:
-        return False
-    if quantizer._forward_hooks or quantizer._forward_pre_hooks or torch.nn.modules.module._global_forward_hooks \
-            or torch.nn.modules.module._global_forward_pre_hooks:
-        return False
-    if quantizer.ch_axis is not None or out.dim() < 2 or out.shape[1] == 0:
-        return False
-    return cpu_kernels.kernels_apply(out, target, weight, per_tensor=(quantizer.scale, quantizer.zero_point))
+def _fused_backend(quantizer, out, target, weight):
+    """The backend of the fused node when it reproduces ``quantizer(out)`` exactly: the
+    quantizer says it is a plain per-tensor LSQ fake quantizer now (``fusable``) and the
+    tensors suit a backend; else ``None``."""
+    if not getattr(quantizer, 'fusable', False) or out.dim() < 2 or out.shape[1] == 0:
+        return None
+    return dispatch.select('quantized_squared_error', out, target, weight,
+                           per_tensor=(quantizer.scale, quantizer.zero_point), ints=(quantizer.qmin, quantizer.qmax))
 
 
 def quantized_reconstruction_loss(out: torch.Tensor, quantizer, target: torch.Tensor,
@@ -153,16 +135,17 @@ def quantized_reconstruction_loss(out: torch.Tensor, quantizer, target: torch.Te
     while training, per-channel step, other devices or dtypes, kernels unavailable) it is
     that composition.
     """
-    if not _fused_quantizer_applies(quantizer, out, target, weight):
+    backend = _fused_backend(quantizer, out, target, weight)
+    if backend is None:
         return reconstruction_loss(quantizer(out), target, weight)
     scale = quantizer.scale
     grad_factor = quantizer.step_grad_factor(out)
     count = _loss_count(out)
     quant = (scale, quantizer.zero_point, quantizer.qmin, quantizer.qmax)
     if not (torch.is_grad_enabled() and (out.requires_grad or scale.requires_grad)):
-        total = cpu_kernels.squared_error_forward(out, target, weight, count, quant=quant, need_grad_out=False)[0]
+        total = backend.squared_error_forward(out, target, weight, count, quant=quant, need_grad_out=False)[0]
         return out.new_tensor(total / count)
-    return _QuantizedSquaredError.apply(out, scale, target, weight, quantizer.zero_point, quantizer.qmin,
+    return _QuantizedSquaredError.apply(backend, out, scale, target, weight, quantizer.zero_point, quantizer.qmin,
                                         quantizer.qmax, grad_factor, count)
 
 

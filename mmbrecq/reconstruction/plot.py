@@ -1,4 +1,10 @@
-"""Loss curves of a reconstruction run (one line per unit), as a PNG."""
+"""Loss curves of a reconstruction run (one line per unit), as a PNG, redrawn by a hook."""
+import os.path as osp
+
+from mmengine.dist import master_only
+from mmengine.hooks import Hook
+
+from mmbrecq.registry import HOOKS
 
 
 def plot_losses(records, path):
@@ -21,3 +27,22 @@ def plot_losses(records, path):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+@HOOKS.register_module()
+class ReconLossPlotHook(Hook):
+    """Redraws ``recon_losses.png`` (reconstruction and rounding loss per unit) after each unit.
+
+    Args:
+        filename: the PNG's name.
+        out_dir: its folder (default: the runner's work dir).
+    """
+
+    priority = 'VERY_LOW'
+
+    def __init__(self, filename='recon_losses.png', out_dir=None):
+        self.filename, self.out_dir = filename, out_dir
+
+    @master_only
+    def after_recon_unit(self, runner, index, unit, record, records):
+        plot_losses(records, osp.join(self.out_dir or runner.work_dir, self.filename))

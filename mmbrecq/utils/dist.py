@@ -20,21 +20,13 @@ import subprocess
 
 import torch
 from mmengine.dataset import DefaultSampler
-from mmengine.dist import all_reduce, barrier, get_rank, get_world_size
+from mmengine.dist import all_reduce, barrier, get_dist_info, get_world_size, is_main_process
 
-__all__ = ['world', 'is_main', 'is_sharded', 'shard_size', 'shard_positions', 'shard_batch', 'UnshardedSampler',
-           'read_global_stream', 'global_sum', 'global_max', 'main_then_barrier', 'shard_range_init',
-           'sharded_range', 'init_cpu_dist', 'prepare_launcher']
+from .batch import batch_size
 
-
-def world():
-    """``(rank, world_size)``; ``(0, 1)`` without a process group."""
-    return get_rank(), get_world_size()
-
-
-def is_main():
-    """True on rank 0 (and without a process group)."""
-    return get_rank() == 0
+__all__ = ['is_sharded', 'shard_size', 'shard_positions', 'shard_batch', 'UnshardedSampler',
+           'read_global_stream', 'global_sum', 'global_max', 'main_then_barrier', 'ShardReducer',
+           'init_cpu_dist', 'prepare_launcher']
 
 
 def is_sharded():
@@ -51,7 +43,7 @@ def shard_positions(offset, n, rank=None, world_size=None):
     """Positions in a global batch of ``n`` samples starting at global index ``offset`` that
     belong to ``rank``."""
     if rank is None:
-        rank, world_size = world()
+        rank, world_size = get_dist_info()
     first = (rank - offset) % world_size
     return list(range(first, n, world_size))
 
@@ -75,13 +67,12 @@ def shard_batch(batch, offset, n=None):
     is its number of samples (default: read from it).
 
     The first batch must give every rank at least one sample: activation ranges are
-    initialised on it (the reduction in :func:`sharded_range` rebuilds the global batch).
+    initialised on it (:class:`ShardReducer` rebuilds the global batch's statistics).
     """
-    rank, world_size = world()
+    rank, world_size = get_dist_info()
     if world_size == 1:
         return batch
     if n is None:
-        from mmbrecq.reconstruction.capture import batch_size
         n = batch_size(batch)
     positions = shard_positions(offset, n, rank, world_size)
     if offset == 0 and n < world_size:
@@ -146,7 +137,7 @@ def global_max(values):
 def main_then_barrier(fn):
     """Decorator: ``fn`` runs on rank 0 only (files, plots); the others wait for it at a barrier."""
     def wrapper(*args, **kwargs):
-        result = fn(*args, **kwargs) if get_rank() == 0 else None
+        result = fn(*args, **kwargs) if is_main_process() else None
         if is_sharded():
             barrier()
         return result
@@ -155,16 +146,49 @@ def main_then_barrier(fn):
 
 
 # -- activation ranges ---------------------------------------------------------------------
-def shard_range_init(quantizers, batch):
-    """Tell activation quantizers that ``batch`` is this rank's part of a global calibration
-    batch (their :meth:`init_range` then reduces over ranks); ``batch=None`` or one process:
-    back to local statistics."""
-    n = None
-    if batch is not None and is_sharded():
-        from mmbrecq.reconstruction.capture import batch_size
-        n = batch_size(batch)
-    for q in quantizers:
-        q.shard_samples = n
+class ShardReducer:
+    """How a quantizer's range statistics combine when each process holds its part of the
+    first calibration batch (``UniformQuantizer.init_range(x, reducer)``): the min/max and
+    the Lp errors are all-reduced, and large inputs are subsampled at the positions one
+    process would keep on the whole batch, so every rank picks what one process picks (up
+    to the order of the floating-point sums).
+
+    Args:
+        n_local: samples in this rank's part of the batch (:func:`shard_batch`).
+    """
+
+    def __init__(self, n_local):
+        self.n_local = n_local
+
+    @classmethod
+    def for_batch(cls, batch):
+        """The reducer for this rank's part ``batch`` of a global batch; ``None`` in a
+        single-process run (local statistics)."""
+        return cls(batch_size(batch)) if is_sharded() else None
+
+    def subsample(self, v, x, ch_axis, max_elements):
+        if ch_axis not in (None, 1):
+            raise NotImplementedError(f'sharded range initialisation supports per-tensor or channel axis 1, '
+                                      f'got {ch_axis}')
+        total = int(self.sum_(torch.tensor([float(v.shape[1])], dtype=torch.float64, device=v.device)).item())
+        if total <= max_elements:
+            return v
+        stride = -(-total // max_elements)
+        rank, world_size = get_dist_info()
+        pos = _global_positions(x, ch_axis, self.n_local or x.shape[0], rank, world_size)
+        return v[:, pos % stride == 0]
+
+    def min_(self, t):
+        all_reduce(t, 'min')
+        return t
+
+    def max_(self, t):
+        all_reduce(t, 'max')
+        return t
+
+    def sum_(self, t):
+        all_reduce(t, 'sum')
+        return t
 
 
 def _global_positions(x, ch_axis, n_local, rank, world_size):
@@ -181,63 +205,6 @@ def _global_positions(x, ch_axis, n_local, rank, world_size):
     g_row = ((t // per_sample) * world_size + rank) * per_sample + t % per_sample
     pos = g_row[:, None] * per_row + torch.arange(per_row, device=x.device)[None, :]
     return pos.reshape(-1)  # the same (row, rest) order as every channel of the view
-
-
-@torch.no_grad()
-def sharded_range(x, q, n_local=None, max_elements=1 << 18):
-    """``(lo, hi)`` that ``q.init_range`` computes on the global batch, from this rank's part.
-
-    Min-max: all-reduced min and max. Lp search: the same element subsampling as one
-    process (positions of the global batch, kept on the rank that holds them), reduced
-    min/max of the kept elements, then the per-candidate Lp error sums all-reduced in one
-    collective so that every rank picks the same candidate. The result equals the
-    single-process one up to the order of the floating-point sums.
-    """
-    from mmbrecq.quantizers.functional import lp_error, qparams_from_range
-    from mmbrecq.quantizers.range_search import _channel_view
-    rank, world_size = world()
-    ch_axis = q.ch_axis
-    if ch_axis not in (None, 1):
-        raise NotImplementedError(f'sharded range initialisation supports per-tensor or channel axis 1, got {ch_axis}')
-    v = _channel_view(x.detach().float(), ch_axis)
-    if q.init != 'lp':
-        lo = v.min(dim=1).values if v.shape[1] else torch.full(v.shape[:1], float('inf'), device=v.device)
-        hi = v.max(dim=1).values if v.shape[1] else torch.full(v.shape[:1], -float('inf'), device=v.device)
-        all_reduce(lo, 'min')
-        all_reduce(hi, 'max')
-        return (lo[0], hi[0]) if ch_axis is None else (lo, hi)
-    counts = torch.tensor([float(v.shape[1])], dtype=torch.float64, device=v.device)
-    all_reduce(counts, 'sum')
-    total = int(counts.item())
-    if total > max_elements:
-        stride = -(-total // max_elements)
-        pos = _global_positions(x, ch_axis, n_local or x.shape[0], rank, world_size)
-        v = v[:, pos % stride == 0]
-    inf = torch.full(v.shape[:1], float('inf'), device=v.device)
-    lo0 = v.min(dim=1).values if v.shape[1] else inf
-    hi0 = v.max(dim=1).values if v.shape[1] else -inf
-    all_reduce(lo0, 'min')
-    all_reduce(hi0, 'max')
-    n = q.num_candidates
-    errs, cands = [], []
-    for i in range(n):
-        c = 1.0 - i / n
-        lo, hi = lo0 * c, hi0 * c
-        scale, zp = qparams_from_range(lo, hi, q.qmin, q.qmax, q.symmetric)
-        s, z = scale[:, None], zp[:, None]
-        xq = (torch.clamp(torch.round(v / s) + z, q.qmin, q.qmax) - z) * s
-        errs.append(lp_error(v, xq, q.p, dim=1))
-        cands.append((lo, hi))
-    err = torch.stack(errs)            # (candidates, channels): one collective for all of them
-    all_reduce(err, 'sum')
-    best_err = torch.full_like(lo0, float('inf'))
-    best_lo, best_hi = lo0.clone(), hi0.clone()
-    for i, (lo, hi) in enumerate(cands):  # the single-process selection: first strict minimum
-        better = err[i] < best_err
-        best_err = torch.where(better, err[i], best_err)
-        best_lo = torch.where(better, lo, best_lo)
-        best_hi = torch.where(better, hi, best_hi)
-    return (best_lo[0], best_hi[0]) if ch_axis is None else (best_lo, best_hi)
 
 
 # -- launchers on CPU ------------------------------------------------------------------------

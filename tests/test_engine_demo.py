@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmbrecq.utils.demo import digits_benchmark_setup, top1_and_kl
+from mmbrecq.engine.demo import digits_benchmark_setup, top1_and_kl
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,6 +8,14 @@ import copy
 
 import torch
 import torch.nn.functional as F
+from mmengine.config import Config
+from mmengine.registry import DefaultScope
+from mmengine.runner import Runner, load_checkpoint, set_random_seed
+from mmpretrain.registry import MODELS
+
+from mmbrecq.reconstruction import CalibrationSet
+
+from .calibration import tensor_forward
 
 DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
@@ -16,15 +24,11 @@ DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
 def _config_scope(cfg):
     """The config's registry scope, whatever scope an earlier runner in this process left
     current (mmengine keeps the last Runner's ``default_scope`` as a global)."""
-    from mmengine.registry import DefaultScope
     return DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmpretrain'))
 
 
 def load_float_model(config=DIGITS_CONFIG, checkpoint=DIGITS_CHECKPOINT):
     """``(cfg, model)``: an mmpretrain classifier with its float weights, in eval mode."""
-    from mmengine.config import Config
-    from mmengine.runner import load_checkpoint
-    from mmpretrain.registry import MODELS
     cfg = Config.fromfile(config)
     with _config_scope(cfg):
         model = MODELS.build(cfg.model)
@@ -38,7 +42,6 @@ def preprocessed_batches(cfg, model, split, num_samples=None, batch_size=64, see
     The train split is shuffled with ``seed`` and keeps its training augmentation (the
     paper's calibration setting); ``num_samples=None`` takes the whole split.
     """
-    from mmengine.runner import Runner, set_random_seed
     set_random_seed(seed)  # the augmentation draws from numpy/random: same images every run
     loader_cfg = copy.deepcopy(cfg[f'{split}_dataloader'])
     loader_cfg.update(batch_size=batch_size, num_workers=0, persistent_workers=False)
@@ -53,10 +56,6 @@ def preprocessed_batches(cfg, model, split, num_samples=None, batch_size=64, see
             if num_samples and n >= num_samples:
                 break
     return out
-
-
-def tensor_forward(model, batch):
-    return model(batch['inputs'], batch['data_samples'], mode='tensor')
 
 
 @torch.no_grad()
@@ -75,7 +74,6 @@ def top1_and_kl(model, batches, ref_logits):
 def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120):
     """What the digits benchmarks start from: ``(cfg, float model, calibration set, test
     batches, float test logits, float top-1)``; calibration from the augmented train split."""
-    from mmbrecq.reconstruction import CalibrationSet
     torch.manual_seed(seed)
     cfg, float_model = load_float_model()
     calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', num_samples, calib_batch, seed),
