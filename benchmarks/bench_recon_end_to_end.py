@@ -34,8 +34,8 @@ def main():
     from mmpretrain.registry import MODELS
 
     import mmbrecq
-    from mmbrecq.modules import find_units, set_quant_state
-    from mmbrecq.reconstruction import CalibrationSet, probe_units
+    from mmbrecq.modules import set_quant_state
+    from mmbrecq.reconstruction import CalibrationSet, find_units, probe_units
 
     torch.manual_seed(0)
     device = torch.device(args.device)

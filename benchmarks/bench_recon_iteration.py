@@ -65,17 +65,17 @@ def main():
 
     import mmbrecq
     from mmbrecq.config import recon_config
-    from mmbrecq.modules import find_units, fold_bn
-    from mmbrecq.modules.swap import set_quant_state, unit_layers
-    from mmbrecq.reconstruction import CacheBudget, CalibrationSet, probe_units
-    from mmbrecq.reconstruction.optimize import (
+    from mmbrecq.modules import fold_bn, set_quant_state
+    from mmbrecq.reconstruction import (
+        CacheBudget,
+        CalibrationSet,
         UnitData,
-        _param_groups,
-        _run_stage,
         entry_quantizer,
-        prequantized_input,
-        step_quantizers,
+        find_units,
+        probe_units,
+        unit_layers,
     )
+    from mmbrecq.reconstruction.optimize import _param_groups, _run_stage, prequantized_input, step_quantizers
     device = torch.device(args.device)
     torch.manual_seed(0)
     float_model = build_resnet18()

@@ -7,7 +7,7 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.blocks.detection import DenseHeadTowerRule, HeadTower
-from mmbrecq.modules import find_units
+from mmbrecq.reconstruction import find_units
 
 from _models import FAST_QCFG, build_detector, detection_batches
 

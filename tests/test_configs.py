@@ -20,7 +20,8 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.config import calib_config, recon_config
-from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, quantizers_of, unit_layers
+from mmbrecq.modules import QuantConfig, QuantLayerMixin, quantizers_of
+from mmbrecq.reconstruction import find_units, unit_layers
 from mmbrecq.registry import RECONSTRUCTORS
 
 from _tools import load_tool

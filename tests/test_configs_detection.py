@@ -17,7 +17,8 @@ from mmengine.registry import DefaultScope
 
 import mmbrecq
 from mmbrecq.config import calib_config, recon_config
-from mmbrecq.modules import QuantConfig, QuantLayerMixin, find_units, unit_layers
+from mmbrecq.modules import QuantConfig, QuantLayerMixin
+from mmbrecq.reconstruction import find_units, unit_layers
 
 from _tools import load_tool
 

@@ -14,8 +14,6 @@ from mmbrecq.mixed_precision import (
     LatencyTable,
     LayerStat,
     ModelSize,
-    bit_config_of,
-    group_cost_fn,
     trace_layer_stats,
 )
 from mmbrecq.registry import COST_MODELS, build_from
@@ -100,13 +98,6 @@ def test_latency_table_bad_files(tmp_path, tiny_stats):
         LatencyTable(tiny_stats, str(bad))
     with pytest.raises(ValueError, match='.json or .csv'):
         LatencyTable(tiny_stats, str(tmp_path / 'lat.txt'))
-
-
-def test_group_cost_fn(tiny_stats):
-    groups, candidates = [['0'], ['2']], [[2, 4, 8], [(8, 8), (4, 4)]]
-    assert bit_config_of(groups, candidates, [1, 0]) == {'0': (4, None), '2': (8, 8)}
-    cost_fn = group_cost_fn(BOPs(tiny_stats), groups, candidates)
-    assert cost_fn([1, 1]) == 3888 * 4 * 32 + 720 * 4 * 4
 
 
 @pytest.fixture(scope='module')

@@ -188,7 +188,7 @@ def test_model_without_quantizable_layers_raises():
 # block rules and quantizer types
 # ---------------------------------------------------------------------------------------
 def test_unknown_block_rule_raises():
-    with pytest.raises(ValueError, match=r"quant_cfg.block_rules: unknown rule 'NoSuchRule'"):
+    with pytest.raises(ValueError, match=r"quant_cfg.block_rules\[1\]='NoSuchRule' is not a registered block rule"):
         quantize_model(_small_model(), _cfg(block_rules=['MMPretrainBasicBlockRule', 'NoSuchRule']))
 
 

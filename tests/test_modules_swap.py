@@ -5,16 +5,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import mmbrecq
-from mmbrecq.modules import (
-    QuantConv2d,
-    QuantLayerMixin,
-    QuantLinear,
-    find_units,
-    quantizers_of,
-    set_quant_state,
-    unit_layers,
-)
+from mmbrecq.modules import QuantConv2d, QuantLayerMixin, QuantLinear, quantizers_of, set_quant_state
 from mmbrecq.quantizers import AdaRoundQuantizer, LSQQuantizer
+from mmbrecq.reconstruction import find_units, unit_layers
 
 from _models import build_classifier, images
 
@@ -132,7 +125,7 @@ def test_deep_stem_has_no_tail():
 
 
 def test_tail_naming_a_missing_module_is_an_error_naming_the_unit():
-    from mmbrecq.modules.swap import TAIL_ATTR
+    from mmbrecq.modules import TAIL_ATTR
     model = _quantized(RESNET18, calib=False)
     setattr(model.backbone.conv1, TAIL_ATTR, ('bn1', 'relu', 'no_such_pool'))
     with pytest.raises(ValueError, match=r"'backbone.conv1'.*\['no_such_pool'\]"):

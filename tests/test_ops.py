@@ -561,7 +561,7 @@ def test_quantized_loss_uninitialised_quantizer_raises(no_fused_node):
 
 def test_quantized_loss_qdrop_training_uses_composition(no_fused_node):
     q = _lsq(4, False, True, 0.5, 7.0)
-    q.drop_prob = 0.5
+    q.set_qdrop(0.5)
     q.train()
     out0, y = torch.randn(2, 3, 4, 4, generator=_gen(34)), torch.randn(2, 3, 4, 4, generator=_gen(35))
     torch.manual_seed(0)

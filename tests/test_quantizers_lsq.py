@@ -19,7 +19,7 @@ def _pair(bits=8, x=None, **kwargs):
 def test_defaults_per_tensor_lp_and_trainable_scale():
     q = LSQQuantizer(bits=4)
     assert q.num_channels is None and q.scale.shape == () and q.init == 'lp'
-    assert q.scale.requires_grad and q.use_grad_scale and q.drop_prob == 0.0
+    assert q.scale.requires_grad and q.use_grad_scale and q.qdrop_prob is None
     assert not q.zero_point.requires_grad
     assert [n for n, p in q.named_parameters() if p.requires_grad] == ['scale']
 
@@ -90,8 +90,8 @@ def _drop_setup(p):
     q = LSQQuantizer(bits=4, init='minmax')
     q.init_range(x)
     with torch.no_grad():
-        xq = q(x)  # drop_prob = 0: the quantized values
-    q.drop_prob = p
+        xq = q(x)  # QDrop off: the quantized values
+    q.set_qdrop(1 - p)  # p: probability of keeping the float value
     return q, x, xq
 
 
@@ -127,7 +127,7 @@ def test_qdrop_gradient_flows_to_scale_only_through_quantized_elements():
     out.sum().backward()
     g_drop = q.scale.grad.clone()
     q.scale.grad = None
-    q.drop_prob = 0.0
+    q.set_qdrop(None)
     q(x).sum().backward()
     # roughly half the elements contribute: different from the undropped gradient
     assert not torch.allclose(g_drop, q.scale.grad)

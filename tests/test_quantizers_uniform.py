@@ -64,7 +64,7 @@ def test_observing_initialises_on_first_forward_only():
     torch.manual_seed(0)
     x1, x2 = torch.randn(4, 3, 5, 5), torch.randn(4, 3, 5, 5) * 10
     q = UniformQuantizer(bits=4, init='minmax')
-    q.observing = True
+    q.start_observing()
     out = q(x1)
     assert q.initialized
     ref = UniformQuantizer(bits=4, init='minmax')
@@ -80,7 +80,7 @@ def test_observing_per_channel_lp_initialisation():
     torch.manual_seed(1)
     x = torch.randn(2, 4, 6, 6) * torch.tensor([0.1, 1., 3., 10.]).view(1, 4, 1, 1)
     q = UniformQuantizer(bits=4, num_channels=4, ch_axis=1, num_candidates=20)
-    q.observing = True
+    q.start_observing()
     q(x)
     lo, hi = lp_search_range(x, 0, 15, False, ch_axis=1, num_candidates=20)
     scale, zp = qparams_from_range(lo, hi, 0, 15, False)
@@ -103,7 +103,7 @@ def test_enabled_false_is_identity_even_uninitialised():
     x = torch.randn(3, 7, requires_grad=True)
     q = UniformQuantizer(bits=2)
     q.enabled = False
-    q.observing = True
+    q.start_observing()
     out = q(x)
     assert out is x
     assert not q.initialized  # disabled quantizers do not observe either

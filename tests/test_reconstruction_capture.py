@@ -7,10 +7,19 @@ import torch
 from torch import nn
 
 import mmbrecq
-from mmbrecq.modules import Unit, find_units, set_quant_state, unit_layers
+from mmbrecq.modules import set_quant_state
 from mmbrecq.quantizers import AdaRoundQuantizer
-from mmbrecq.reconstruction import BlockReconstructor, CacheBudget, CalibrationSet, probe_units
+from mmbrecq.reconstruction import (
+    BlockReconstructor,
+    CacheBudget,
+    CalibrationSet,
+    Unit,
+    find_units,
+    probe_units,
+    unit_layers,
+)
 from mmbrecq.reconstruction.capture import StopForward, run_capture
+from mmbrecq.reconstruction.targets import Carry
 
 from _models import build_classifier
 
@@ -362,6 +371,7 @@ def test_carry_forward_equals_prefix_capture_resnet18():
     rc = BlockReconstructor(input_mix='qdrop', progress=False)  # both streams cached
     budget = CacheBudget('cpu', host_gb=1)   # plenty: caches are not freed in this test
     units, traces = probe_units(qmodel, rc.units_of(qmodel), calib)
+    targets = rc.targets(qmodel, calib, budget, units)
     chained = [u.name for u in units if traces[u.name].chained]
     # the stem unit ends at the max-pool (its tail), so layer1.0 reads its output directly
     assert units[0].name == 'backbone.conv1' and [type(m).__name__ for m in units[0].tail] == [
@@ -372,10 +382,10 @@ def test_carry_forward_equals_prefix_capture_resnet18():
     for i, unit in enumerate(units):
         trace = traces[unit.name]
         use_carry = carry if trace.chained else None
-        x_q, x_fp, y_fp = rc._capture(qmodel, unit, trace, calib, budget, use_carry, done)
+        x_q, x_fp, y_fp = targets.inputs_and_target(unit, trace, 'qdrop', use_carry, done)
         if trace.chained:
-            assert x_fp is carry['y_fp']                   # the float input was not recomputed
-            ref = rc._capture(qmodel, unit, trace, calib, budget, None, done)
+            assert x_fp is carry.y_fp                      # the float input was not recomputed
+            ref = targets.inputs_and_target(unit, trace, 'qdrop', None, done)
             for got, want in zip((x_q, x_fp, y_fp), ref):
                 for a, b in zip(got, want):
                     assert torch.equal(a.data, b.data), unit.name
@@ -384,5 +394,5 @@ def test_carry_forward_equals_prefix_capture_resnet18():
             assert not torch.equal(x_q[0].data, x_fp[0].data)
         _freeze_randomly(unit, seed=i)
         done.append(unit)
-        carry = dict(unit=unit, x_q=x_q, y_fp=y_fp)
+        carry = Carry(unit, x_q, y_fp)
     assert compared == 8

@@ -212,7 +212,7 @@ def test_uneven_shards_empty_local_batches_and_qdrop(tmp_path):
 # resume
 # ---------------------------------------------------------------------------------------
 class _Crash:
-    def after_unit(self, index, unit, record, records):
+    def after_recon_unit(self, runner, index, unit, record, records):
         if index == 1:
             raise KeyboardInterrupt('simulated crash after the second unit')
 
@@ -225,7 +225,7 @@ def _resume(rank, world_size, base):
     batches = _my_batches(_global_batches())
     mmbrecq.calibrate_activations(qmodel, batches[:1])
     try:
-        mmbrecq.reconstruct(qmodel, batches, recon, work_dir=wd, plot=False, callbacks=[_Crash()])
+        mmbrecq.reconstruct(qmodel, batches, recon, work_dir=wd, plot=False, hooks=[_Crash()])
     except KeyboardInterrupt:
         pass
     done = torch.load(os.path.join(wd, 'recon_state.pth'), weights_only=False)['done']

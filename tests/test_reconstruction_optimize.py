@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import mmbrecq
-from mmbrecq.reconstruction import optimize
-from mmbrecq.reconstruction.optimize import entry_quantizer, prequantized_input
+from mmbrecq.reconstruction import entry_quantizer, optimize
+from mmbrecq.reconstruction.optimize import prequantized_input
 
 from _models import FAST_QCFG
 

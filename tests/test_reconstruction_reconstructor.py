@@ -60,10 +60,10 @@ class Recorder:
     def __init__(self):
         self.before, self.after = [], []
 
-    def before_unit(self, index, unit):
+    def before_recon_unit(self, runner, index, unit):
         self.before.append((index, unit.name))
 
-    def after_unit(self, index, unit, record, records):
+    def after_recon_unit(self, runner, index, unit, record, records):
         assert records[-1] is record and record['name'] == unit.name
         self.after.append((index, unit.name))
 
@@ -78,7 +78,7 @@ def test_state_after_reconstruction():
     weights = {n: p.detach().clone() for n, p in _float_params(model).items()}
     batches = _batches()
     rec = Recorder()
-    records = mmbrecq.reconstruct(model, batches, dict(BASE, loss='mse'), callbacks=[rec])
+    records = mmbrecq.reconstruct(model, batches, dict(BASE, loss='mse'), hooks=[rec])
 
     assert [r['name'] for r in records] == UNITS
     assert rec.before == rec.after == list(enumerate(UNITS))
@@ -90,7 +90,7 @@ def test_state_after_reconstruction():
     assert all(q.rounding == 'hard' for q in wqs)
     assert all(not q.alpha.requires_grad for q in wqs)
     assert all(q.enabled for q in quantizers_of(model))          # quantized model at the end
-    assert all(not q.training and q.drop_prob == 0 for q in quantizers_of(model, 'act'))
+    assert all(not q.training and q.qdrop_prob is None for q in quantizers_of(model, 'act'))
     # float weights untouched, never given a gradient, their flags restored
     for n, p in _float_params(model).items():
         assert torch.equal(p, weights[n]), n
@@ -154,7 +154,7 @@ class InterruptAfter:
     def __init__(self, index):
         self.index = index
 
-    def after_unit(self, index, unit, record, records):
+    def after_recon_unit(self, runner, index, unit, record, records):
         if index == self.index:
             raise Interrupt(unit.name)
 
@@ -171,12 +171,12 @@ def test_resume_is_bitwise_equivalent(loss, tmp_path):
     records_a = mmbrecq.reconstruct(model_a, batches, cfg, work_dir=work_a)
 
     with pytest.raises(Interrupt, match='^2$'):
-        mmbrecq.reconstruct(_quantized(), batches, cfg, work_dir=work_b, callbacks=[InterruptAfter(1)])
+        mmbrecq.reconstruct(_quantized(), batches, cfg, work_dir=work_b, hooks=[InterruptAfter(1)])
     assert os.path.isfile(os.path.join(work_b, 'recon_state.pth'))
 
     rec = Recorder()
     model_b = _quantized()   # fresh, identically built and swapped
-    records_b = mmbrecq.reconstruct(model_b, batches, cfg, work_dir=work_b, resume=True, callbacks=[rec])
+    records_b = mmbrecq.reconstruct(model_b, batches, cfg, work_dir=work_b, resume=True, hooks=[rec])
     assert rec.before == [(2, '3'), (3, '5')]     # the first two units are not redone
     assert [r['name'] for r in records_b] == UNITS
     for ra, rb in zip(records_a, records_b):
@@ -193,7 +193,7 @@ def test_resume_after_completion_redoes_nothing(tmp_path):
     rec = Recorder()
     again = _quantized()
     records = mmbrecq.reconstruct(again, batches, dict(BASE, loss='mse'), work_dir=str(tmp_path),
-                                  resume=True, callbacks=[rec])
+                                  resume=True, hooks=[rec])
     assert rec.before == [] and [r['name'] for r in records] == UNITS
     _assert_state_dicts_equal(model.state_dict(), again.state_dict())
 
@@ -201,7 +201,7 @@ def test_resume_after_completion_redoes_nothing(tmp_path):
 def test_resume_without_state_starts_from_the_first_unit(tmp_path):
     rec = Recorder()
     mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse'), work_dir=str(tmp_path),
-                        resume=True, callbacks=[rec])
+                        resume=True, hooks=[rec])
     assert [name for _, name in rec.before] == UNITS
 
 
@@ -231,7 +231,7 @@ class NanFor:
         monkeypatch.setattr(optimize_mod, 'quantized_reconstruction_loss',
                             lambda *a: nan_if_current(real_quantized(*a)))
 
-    def before_unit(self, index, unit):
+    def before_recon_unit(self, runner, index, unit):
         self.current = unit.name
         if unit.name == self.name:
             self.snapshot = copy.deepcopy(unit.module.state_dict())
@@ -244,7 +244,7 @@ def test_non_finite_loss_fails_naming_the_unit(loss, monkeypatch):
     flags = {n: p.requires_grad for n, p in _float_params(model).items()}
     nan = NanFor(monkeypatch, '2')
     with pytest.raises(NonFiniteLoss, match=r"unit '2' \(Conv2d\)"):
-        mmbrecq.reconstruct(model, _batches(), dict(BASE, loss=loss, on_nan='fail'), callbacks=[nan])
+        mmbrecq.reconstruct(model, _batches(), dict(BASE, loss=loss, on_nan='fail'), hooks=[nan])
     # the failed unit is restored, the user's flags too
     _assert_state_dicts_equal(model[2].state_dict(), nan.snapshot)
     assert model[2].weight_quantizer.rounding == 'nearest'
@@ -255,7 +255,7 @@ def test_non_finite_loss_falls_back_to_nearest(monkeypatch):
     model = _quantized()
     nan = NanFor(monkeypatch, '2')
     batches = _batches()
-    records = mmbrecq.reconstruct(model, batches, dict(BASE, loss='mse', on_nan='nearest'), callbacks=[nan])
+    records = mmbrecq.reconstruct(model, batches, dict(BASE, loss='mse', on_nan='nearest'), hooks=[nan])
     assert [r['status'] for r in records] == ['ok', 'nearest_fallback', 'ok', 'ok']
     bad = records[1]
     assert bad['name'] == '2' and bad['loss_start'] is None and bad['history'] == []
@@ -271,7 +271,7 @@ def test_non_finite_loss_is_caught_between_checks(monkeypatch):
     """check_every > iters: the last iteration still checks."""
     nan = NanFor(monkeypatch, '5')
     with pytest.raises(NonFiniteLoss, match="'5'"):
-        mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse', check_every=1000), callbacks=[nan])
+        mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse', check_every=1000), hooks=[nan])
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,7 +287,7 @@ def test_options_run(input_mix, loss, fisher):
     assert [r['status'] for r in records] == ['ok'] * 4
     assert all(r['loss_start'] is not None and r['loss_end'] == r['loss_end'] for r in records)
     assert all(q.rounding == 'hard' for q in quantizers_of(model, 'weight'))
-    assert all(q.drop_prob == 0 for q in quantizers_of(model, 'act'))
+    assert all(q.qdrop_prob is None for q in quantizers_of(model, 'act'))
     assert torch.isfinite(_outputs(model, batches)).all()
 
 
@@ -354,7 +354,7 @@ def test_layer_granularity_reconstructs_on_quantized_block_inputs():
     enabled_calls = []
 
     class Window:
-        def before_unit(self, index, unit):
+        def before_recon_unit(self, runner, index, unit):
             window['in'] = unit.name == '2.conv1'
 
     def watch(module, args, out):
@@ -362,7 +362,7 @@ def test_layer_granularity_reconstructs_on_quantized_block_inputs():
             enabled_calls.append(module.enabled)
 
     h = block.input_quantizer.register_forward_hook(watch)
-    mmbrecq.reconstruct(model, _batches(), dict(BASE, granularity='layer', loss='mse'), callbacks=[Window()])
+    mmbrecq.reconstruct(model, _batches(), dict(BASE, granularity='layer', loss='mse'), hooks=[Window()])
     h.remove()
     # the block's input quantizer runs while 2.conv1 is captured (float and quantized streams) ...
     assert enabled_calls
@@ -384,12 +384,12 @@ def test_cache_disk_dir_option(tmp_path):
     seen = []
 
     class Look:
-        def after_unit(self, index, unit, record, records):
+        def after_recon_unit(self, runner, index, unit, record, records):
             seen.append((sorted(os.listdir(str(disk))), sorted(os.listdir(str(work)))))
 
     records = mmbrecq.reconstruct(_quantized(), _batches(),
                                   dict(BASE, loss='mse', cache=dict(host_gb=0, disk_dir=str(disk))),
-                                  work_dir=str(work), callbacks=[Look()])
+                                  work_dir=str(work), hooks=[Look()])
     assert all('disk' in r['cache'] for r in records)
     # the carried caches live in disk_dir between units, never in the work dir
     assert all(any(f.endswith('.bin') for f in d) and not any(f.endswith('.bin') for f in w) for d, w in seen)
@@ -399,7 +399,7 @@ def test_cache_disk_dir_option(tmp_path):
 def test_interrupted_run_leaves_no_disk_cache(tmp_path):
     with pytest.raises(Interrupt):
         mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='fisher_diag', cache=dict(host_gb=0)),
-                            work_dir=str(tmp_path), callbacks=[InterruptAfter(1)])
+                            work_dir=str(tmp_path), hooks=[InterruptAfter(1)])
     assert not [f for f in os.listdir(str(tmp_path)) if f.endswith('.bin')]
 
 
@@ -467,14 +467,14 @@ def test_chained_input_step_is_learned_by_the_previous_unit(act_mode):
     steps = {}
 
     class Watch:
-        def before_unit(self, index, unit):
+        def before_recon_unit(self, runner, index, unit):
             steps[('before', unit.name)] = q3.scale.detach().clone()
 
-        def after_unit(self, index, unit, record, records):
+        def after_recon_unit(self, runner, index, unit, record, records):
             steps[('after', unit.name)] = q3.scale.detach().clone()
 
     mmbrecq.reconstruct(model, _batches(), dict(BASE, iters=20, act_mode=act_mode, act_lr=1e-2),
-                        callbacks=[Watch()])
+                        hooks=[Watch()])
     assert not torch.equal(steps[('before', '2')], steps[('after', '2')])   # learned with unit '2'
     assert torch.equal(steps[('before', '3')], steps[('after', '3')])       # fixed in unit '3'
     assert not q3.scale.requires_grad

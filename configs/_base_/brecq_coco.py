@@ -10,10 +10,10 @@
 # tensor is ~115 MB per image; input + target + Fisher weights of the largest unit take
 # ~22 GB for 64 images (host memory, else a disk memmap in the work dir, automatically).
 custom_imports = dict(imports=['mmbrecq'], allow_failed_imports=False)
+# Everything not set here is quant_cfg's default (mmbrecq/config/quant_cfg.py).
 quant_cfg = dict(
     w_bits=4,
     a_bits=8,
-    calib=dict(num_samples=64, batch_size=2, split='train', num_proposals=256),
-    recon=dict(type='BlockReconstructor', iters=20000, batch_size=2, lam=0.01, b_range=(20, 2),
-               warmup=0.2, loss='fisher_diag', act_lr=4e-5, input_mix='quant'),
+    calib=dict(num_samples=64, batch_size=2),
+    recon=dict(batch_size=2),
 )

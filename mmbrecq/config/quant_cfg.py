@@ -109,8 +109,8 @@ RECON = Section(dict(
     lam=Key(0.01, number_in(0, None)),                     # rounding-regulariser weight (0.1 for MobileNetV2)
     b_range=Key((20, 2), _b_range),                        # beta annealed from 20 to 2 ...
     warmup=Key(0.2, number_in(0, 1, hi_open=True)),        # ... after this fraction without regulariser
-    weight_lr=Key(1e-3, number_in(0, None, lo_open=True)),  # Adam lr of AdaRound's alpha
-    act_lr=Key(4e-5, number_in(0, None, lo_open=True)),     # Adam lr of the LSQ steps (cosine decay)
+    weight_lr=Key(1e-3, number_in(0, None)),             # Adam lr of AdaRound's alpha (0: frozen)
+    act_lr=Key(4e-5, number_in(0, None)),                # Adam lr of the LSQ steps (cosine decay)
     act_mode=Key('joint', one_of('joint', 'two_stage')),    # alpha and steps together | reference's stages
     act_iters=Key(None, optional(positive_int)),            # two_stage: step-stage iterations (default: iters)
     loss=Key('fisher_diag', one_of('fisher_diag', 'mse')),

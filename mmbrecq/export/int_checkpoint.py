@@ -40,7 +40,7 @@ from torch import nn
 
 from mmbrecq.mixed_precision.bits import apply_bit_map
 from mmbrecq.modules import QuantConfig, fold_bn, quantize_model
-from mmbrecq.modules.bn_fold import conv_before_norm
+from mmbrecq.modules.bn_fold import adjacent_children
 from mmbrecq.version import __version__
 
 from ._common import (
@@ -304,16 +304,8 @@ def _folded_pairs_structural(qmodel):
     bias; the BN is assumed affine with running statistics, and the conv is assumed to
     have had no bias of its own (conv + BN: the usual case).
     """
-    pairs = []
-    for parent_name, parent in qmodel.named_modules():
-        if not conv_before_norm(parent):
-            continue
-        children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if isinstance(conv, nn.Conv2d) and type(bn) is nn.Identity and conv.bias is not None:
-                prefix = f'{parent_name}.' if parent_name else ''
-                pairs.append((prefix + conv_name, prefix + bn_name))
-    return pairs
+    return [(conv_name, bn_name) for conv_name, conv, bn_name, bn in adjacent_children(qmodel)
+            if isinstance(conv, nn.Conv2d) and type(bn) is nn.Identity and conv.bias is not None]
 
 
 def _is_identity(model, name):
@@ -361,27 +353,37 @@ def bake_float_checkpoint(qmodel: nn.Module, float_model: nn.Module = None, bn_e
         conv_has_bias = {c: False for c, _ in pairs}
 
     for conv_name, bn_name in pairs:
-        bias = sd[f'{conv_name}.bias']
-        bn = bns[bn_name]
-        affine = bn.affine if bn is not None else True
-        eps = bn.eps if bn is not None else bn_eps
-        if conv_has_bias[conv_name]:
-            beta = torch.zeros_like(bias)
-        elif affine:
-            beta = sd.pop(f'{conv_name}.bias')
-        else:
-            raise ValueError(f'{conv_name}: a bias-free conv folded with a non-affine BN ({bn_name}) has no '
-                             'parameter to hold the folded bias in the float model')
-        ones = torch.ones_like(bias)
-        if affine:
-            sd[f'{bn_name}.weight'] = ones.clone()
-            sd[f'{bn_name}.bias'] = beta
-        sd[f'{bn_name}.running_mean'] = torch.zeros_like(bias)
-        sd[f'{bn_name}.running_var'] = ones * (1.0 - eps)
-        sd[f'{bn_name}.num_batches_tracked'] = torch.tensor(0, dtype=torch.long)
+        _unfold_bn(sd, conv_name, bn_name, bns[bn_name], conv_has_bias[conv_name], bn_eps)
 
     if float_model is None:
         return sd
+    return _like_float_model(sd, float_keys)
+
+
+def _unfold_bn(sd, conv_name, bn_name, bn, conv_has_bias, bn_eps):
+    """Give the folded BN ``bn_name`` back to ``sd`` as an identity carrying the folded bias
+    (``bn``: the float model's BN, or ``None``: affine with ``eps=bn_eps``)."""
+    bias = sd[f'{conv_name}.bias']
+    affine = bn.affine if bn is not None else True
+    eps = bn.eps if bn is not None else bn_eps
+    if conv_has_bias:
+        beta = torch.zeros_like(bias)
+    elif affine:
+        beta = sd.pop(f'{conv_name}.bias')
+    else:
+        raise ValueError(f'{conv_name}: a bias-free conv folded with a non-affine BN ({bn_name}) has no '
+                         'parameter to hold the folded bias in the float model')
+    ones = torch.ones_like(bias)
+    if affine:
+        sd[f'{bn_name}.weight'] = ones.clone()
+        sd[f'{bn_name}.bias'] = beta
+    sd[f'{bn_name}.running_mean'] = torch.zeros_like(bias)
+    sd[f'{bn_name}.running_var'] = ones * (1.0 - eps)
+    sd[f'{bn_name}.num_batches_tracked'] = torch.tensor(0, dtype=torch.long)
+
+
+def _like_float_model(sd, float_keys):
+    """``sd`` in the float model's key order, shapes checked and dtypes matched."""
     extra = sorted(set(sd) - set(float_keys))
     absent = sorted(set(float_keys) - set(sd))
     if extra or absent:

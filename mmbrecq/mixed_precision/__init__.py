@@ -9,13 +9,13 @@ registers ``GeneticSearcher`` in ``SEARCHERS`` and ``ModelSize`` / ``BOPs`` /
 ``LatencyTable`` in ``COST_MODELS``.
 """
 from .bits import apply_bit_map, apply_saved_bits, set_weight_bits, weight_bits_of
-from .cost_models import BOPs, CostModel, LatencyTable, ModelSize, bit_config_of, group_cost_fn
+from .cost_models import BOPs, CostModel, LatencyTable, ModelSize
 from .genetic import GeneticSearcher, SearchResult
 from .layer_stats import LayerStat, trace_layer_stats
 from .pipeline import MP_FILE, search_mixed_precision
 from .sensitivity import UnitSpace, measure_sensitivity, search_space
 
 __all__ = ['LayerStat', 'trace_layer_stats', 'CostModel', 'ModelSize', 'BOPs', 'LatencyTable',
-           'bit_config_of', 'group_cost_fn', 'GeneticSearcher', 'SearchResult',
+           'GeneticSearcher', 'SearchResult',
            'set_weight_bits', 'weight_bits_of', 'apply_bit_map', 'apply_saved_bits', 'UnitSpace',
            'search_space', 'measure_sensitivity', 'search_mixed_precision', 'MP_FILE']

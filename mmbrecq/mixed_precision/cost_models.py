@@ -9,7 +9,7 @@ layers, which lets the searcher find the cheapest configuration group by group.
 import csv
 import json
 import os
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from mmbrecq.registry import COST_MODELS
 
@@ -127,27 +127,3 @@ class LatencyTable(CostModel):
         except KeyError:
             raise KeyError(f'latency table {self.table_path} has no entry for layer '
                            f'{stat.name!r} at w_bits={w_bits}, a_bits={a_bits}') from None
-
-
-def bit_config_of(groups: Sequence[Sequence[str]], candidates: Sequence[Sequence],
-                  choice: Sequence[int]) -> Dict[str, Bits]:
-    """Bit config of a choice vector: every layer of group ``i`` gets option ``choice[i]``.
-
-    Args:
-        groups: layer names of each group (a reconstruction unit, or a single layer).
-        candidates: ``candidates[i][j]`` is ``(w_bits, a_bits)`` or just ``w_bits`` (the
-            input stays in float for the cost; give the tuple when it is quantized).
-        choice: option index per group.
-    """
-    config = {}
-    for names, options, j in zip(groups, candidates, choice):
-        option = options[j]
-        bits = tuple(option) if isinstance(option, (tuple, list)) else (option, None)
-        config.update({name: bits for name in names})
-    return config
-
-
-def group_cost_fn(cost_model: Callable[[BitConfig], float], groups: Sequence[Sequence[str]],
-                  candidates: Sequence[Sequence]) -> Callable[[Sequence[int]], float]:
-    """``cost_fn(choice) -> float`` for the searcher, from a cost model over layers."""
-    return lambda choice: cost_model(bit_config_of(groups, candidates, choice))

@@ -15,7 +15,7 @@ import time
 
 from mmengine.logging import print_log
 
-from mmbrecq.config.quant_cfg import UNIFORM_RE, mp_config
+from mmbrecq.config.quant_cfg import UNIFORM_RE
 from mmbrecq.modules import QuantConfig, quantizers_of, set_quant_state
 from mmbrecq.reconstruction import calibrate_activations
 from mmbrecq.registry import COST_MODELS, SEARCHERS, build_from
@@ -97,7 +97,9 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
             work dir whose bit map was searched under another budget / model.
     """
     qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
-    mp = mp_config(qcfg['mixed_precision'])
+    mp = qcfg['mixed_precision']  # validated and merged by the quant_cfg schema
+    if mp is None:
+        raise ValueError('search_mixed_precision needs quant_cfg.mixed_precision (a dict), got None')
     t0 = time.perf_counter()
     path = osp.join(work_dir, MP_FILE) if work_dir else None
     spaces = search_space(model, qcfg, mp['candidates'])
@@ -185,13 +187,9 @@ def _search(model, calib, qcfg, mp, spaces, work_dir, logger, write):
         seed=mp['searcher'].get('seed', 0))
     table = sens['table']
 
-    candidates, sensitivity, kept = [], [], []
-    for sp in spaces:
-        opts = sp.options
-        idx = _pareto(opts, [group_cost(sp, o) for o in opts], [table[sp.name][o] for o in opts])
-        kept.append([opts[j] for j in idx])
-        candidates.append(list(range(len(idx))))
-        sensitivity.append([table[sp.name][opts[j]] for j in idx])
+    kept = [_pareto_options(sp, table[sp.name], group_cost) for sp in spaces]
+    candidates = [list(range(len(k))) for k in kept]
+    sensitivity = [[table[sp.name][o] for o in k] for sp, k in zip(spaces, kept)]
 
     def cost_fn(choice):
         return cost_model(_bit_config(spaces, [kept[i][j] for i, j in enumerate(choice)]))
@@ -205,13 +203,25 @@ def _search(model, calib, qcfg, mp, spaces, work_dir, logger, write):
         raise ValueError(f'{budget_desc}: {e}') from None
     chosen = [kept[i][j] for i, j in enumerate(result.choice)]
     final = costs_of(chosen)
+    report = _report(mp, spaces, chosen, kept, sens, result, final, uniform, budget, by_name,
+                     time.perf_counter() - t0)
+    searched = report['search']['searched_layers']
+    print_log(f'mixed precision: searched {searched} layers in {len(spaces)} units; sensitivity '
+              f'{result.sensitivity:.6g}, {bkey} {final[bkey]:.6g} <= {budget:.6g}; uniform '
+              + ', '.join(f'W{b}: {c[bkey]:.4g}' for b, c in uniform.items()), logger)
+    return report
+
+
+def _report(mp, spaces, chosen, kept, sens, result, final, uniform, budget, by_name, search_seconds):
+    """The ``mixed_precision.json`` content of a finished search (``chosen``: option per unit)."""
+    bkey, bval, table = mp['budget_key'], mp['budget_value'], sens['table']
     bit_cfg = _bit_config(spaces, chosen)
     params = sum(by_name[n].params for n in bit_cfg)
     searched = [n for sp in spaces for n, a in zip(sp.layers, sp.allowed) if len(a) > 1]
-    report = dict(
+    return dict(
         version=VERSION,
         config=dict(budget={bkey: bval}, candidates=list(mp['candidates']), cost_model=mp['cost_model'],
-                    type=mp['type'], searcher=mp['searcher'], sensitivity=sens_cfg),
+                    type=mp['type'], searcher=mp['searcher'], sensitivity=mp['sensitivity']),
         budget=dict(key=bkey, value=budget, spec=bval),
         cost=final, budget_met=bool(final[bkey] <= budget * (1 + 1e-9)),
         sensitivity_total=result.sensitivity,
@@ -231,10 +241,13 @@ def _search(model, calib, qcfg, mp, spaces, work_dir, logger, write):
         sensitivity={sp.name: {_key(o): v for o, v in table[sp.name].items()} for sp in spaces},
         sensitivity_stats=dict(measured=sens['measured'], cached=sens['cached'], seconds=sens['seconds'],
                                fingerprint=sens['fingerprint']),
-        search=dict(seconds=time.perf_counter() - t0, generations=len(result.history),
+        search=dict(seconds=search_seconds, generations=len(result.history),
                     searched_layers=len(searched)),
     )
-    print_log(f'mixed precision: searched {len(searched)} layers in {len(spaces)} units; sensitivity '
-              f'{result.sensitivity:.6g}, {bkey} {final[bkey]:.6g} <= {budget:.6g}; uniform '
-              + ', '.join(f'W{b}: {c[bkey]:.4g}' for b, c in uniform.items()), logger)
-    return report
+
+
+def _pareto_options(space, values, group_cost):
+    """The unit's options on the cost / sensitivity Pareto front (what the search chooses from)."""
+    opts = space.options
+    idx = _pareto(opts, [group_cost(space, o) for o in opts], [values[o] for o in opts])
+    return [opts[j] for j in idx]

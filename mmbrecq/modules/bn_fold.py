@@ -32,6 +32,19 @@ def conv_before_norm(parent: nn.Module) -> bool:
     return True
 
 
+def adjacent_children(model: nn.Module):
+    """``(conv name, conv, next name, next module)`` for every child registered right after
+    another in a parent that runs its conv before its norm (full dotted names): where a
+    folded or foldable conv → BN pair sits."""
+    for parent_name, parent in model.named_modules():
+        if not conv_before_norm(parent):
+            continue
+        prefix = f'{parent_name}.' if parent_name else ''
+        children = list(parent.named_children())
+        for (a_name, a), (b_name, b) in zip(children, children[1:]):
+            yield prefix + a_name, a, prefix + b_name, b
+
+
 def fold_bn(model: nn.Module):
     """Fold every foldable conv→BN pair of ``model`` in place; return the folded names.
 
@@ -40,15 +53,10 @@ def fold_bn(model: nn.Module):
     if model.training:
         raise RuntimeError('fold_bn needs model.eval(): BatchNorm is folded with its running stats')
     folded = []
-    for parent_name, parent in model.named_modules():
-        if not conv_before_norm(parent):
-            continue
-        children = list(parent.named_children())
-        for (conv_name, conv), (bn_name, bn) in zip(children, children[1:]):
-            if (isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm)
-                    and bn.num_features == conv.out_channels and bn.track_running_stats):
-                fold_conv_bn(conv, bn)
-                setattr(parent, bn_name, nn.Identity())
-                prefix = f'{parent_name}.' if parent_name else ''
-                folded.append((prefix + conv_name, prefix + bn_name))
+    for conv_name, conv, bn_name, bn in list(adjacent_children(model)):
+        if (isinstance(conv, nn.Conv2d) and isinstance(bn, _BatchNorm)
+                and bn.num_features == conv.out_channels and bn.track_running_stats):
+            fold_conv_bn(conv, bn)
+            model.set_submodule(bn_name, nn.Identity())
+            folded.append((conv_name, bn_name))
     return folded

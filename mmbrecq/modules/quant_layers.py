@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mmbrecq.quantizers import UniformQuantizer
+
 
 class QuantLayerMixin:
     """Input (activation) quantizer + weight quantizer around a float layer's forward."""
@@ -18,8 +20,20 @@ class QuantLayerMixin:
     input_quantizer: nn.Module  # may be None when the input is quantized upstream
 
     def _attach_quantizers(self, weight_quantizer, input_quantizer):
+        for q, role in ((weight_quantizer, 'weight'), (input_quantizer, 'act')):
+            if isinstance(q, UniformQuantizer):  # any module may stand in (tests, analysis tools)
+                q.set_role(role)
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+
+    @classmethod
+    def _wrap(cls, layer, weight_quantizer, input_quantizer, *args, **kwargs):
+        """The twin of ``layer`` (built with ``args``/``kwargs``, no init) sharing its weight and bias."""
+        q = torch.nn.utils.skip_init(cls, *args, bias=layer.bias is not None, device=layer.weight.device,
+                                     dtype=layer.weight.dtype, **kwargs)
+        q.weight, q.bias = layer.weight, layer.bias
+        q._attach_quantizers(weight_quantizer, input_quantizer)
+        return q
 
     def quantized_weight(self) -> torch.Tensor:
         return self.weight_quantizer(self.weight)
@@ -33,15 +47,9 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer, input_quantizer):
-        q = torch.nn.utils.skip_init(
-            cls, conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype)
-        q.weight = conv.weight
-        q.bias = conv.bias
-        q._attach_quantizers(weight_quantizer, input_quantizer)
-        return q
+        return cls._wrap(conv, weight_quantizer, input_quantizer, conv.in_channels, conv.out_channels,
+                         conv.kernel_size, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                         groups=conv.groups, padding_mode=conv.padding_mode)
 
     def forward(self, x):
         return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
@@ -52,13 +60,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer, input_quantizer):
-        q = torch.nn.utils.skip_init(
-            cls, linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype)
-        q.weight = linear.weight
-        q.bias = linear.bias
-        q._attach_quantizers(weight_quantizer, input_quantizer)
-        return q
+        return cls._wrap(linear, weight_quantizer, input_quantizer, linear.in_features, linear.out_features)
 
     def forward(self, x):
         return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)

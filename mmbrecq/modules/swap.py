@@ -25,27 +25,16 @@ def _quantize_block_input(block, args):
 
 
 def _build_rules(names):
-    if names is None:
-        names = list(BLOCK_RULES.module_dict)
-    rules = []
-    for n in names:
-        if n not in BLOCK_RULES.module_dict and BLOCK_RULES.get(n) is None:
-            raise ValueError(f'quant_cfg.block_rules: unknown rule {n!r}; registered rules: '
-                             f'{sorted(BLOCK_RULES.module_dict)}')
-        rules.append(build_from(BLOCK_RULES, dict(type=n)))
-    return rules
+    """The block rules to apply (names checked by the quant_cfg schema); ``None``: all."""
+    return [build_from(BLOCK_RULES, dict(type=n)) for n in (names if names is not None else BLOCK_RULES.module_dict)]
 
 
 class _QuantizerFactory:
-    """Builds weight/activation quantizers from ``quant_cfg``, with errors naming the key."""
+    """Builds weight/activation quantizers from ``quant_cfg``."""
 
     def __init__(self, qcfg: QuantConfig):
-        self.w_cfg = dict(qcfg['weight_quantizer'])
+        self.w_cfg = dict(qcfg['weight_quantizer'])   # types checked by the quant_cfg schema
         self.a_cfg = dict(qcfg['act_quantizer'])
-        for key, c in (('weight_quantizer', self.w_cfg), ('act_quantizer', self.a_cfg)):
-            if QUANTIZERS.get(c['type']) is None:
-                raise ValueError(f'quant_cfg.{key}.type={c["type"]!r} is not a registered quantizer; '
-                                 f'registered: {sorted(QUANTIZERS.module_dict)}')
 
     def weight(self, layer, bits):
         cfg = dict(self.w_cfg, bits=bits, num_channels=layer.weight.shape[0], ch_axis=0)
@@ -59,6 +48,66 @@ class _QuantizerFactory:
         if bits is None:
             return None
         return build_from(QUANTIZERS, dict(self.a_cfg, bits=bits, role='act')).to(device)
+
+
+class _Swapper:
+    """One swap of a model: the rules, the quantizer factory and the per-layer bits."""
+
+    def __init__(self, model, qcfg: QuantConfig, rules, factory, first, last):
+        self.model, self.qcfg, self.rules, self.factory = model, qcfg, rules, factory
+        self.first, self.last = first, last
+        self.device = next(model.parameters()).device
+
+    def swap_layer(self, name, with_input_quantizer):
+        layer = self.model.get_submodule(name)
+        w_bits, a_bits = self.qcfg.bits_for(name, self.first, self.last)
+        in_q = self.factory.act(a_bits, self.device) if with_input_quantizer else None
+        qlayer = quant_twin(layer).from_float(layer, self.factory.weight(layer, w_bits), in_q)
+        self.model.set_submodule(name, qlayer)
+        return qlayer
+
+    def swap_block(self, rule, parent, child_name, name):
+        """``parent.<child_name>`` as one unit of ``rule``: inner layers swapped, one input
+        quantizer for the whole block (a pre-hook)."""
+        child = parent.get_submodule(child_name)
+        unit = rule.prepare(parent, child_name, child)
+        if unit is not child:
+            setattr(parent, child_name, unit)
+        every = [n for n, m in unit.named_modules() if quant_twin(m) is not None]
+        entries = set(rule.entry_layers(unit, every))  # skipped layers still read the input
+        inner = [n for n in every if not self.qcfg.is_skipped(f'{name}.{n}')]
+        if not inner:
+            return
+        for rel in inner:
+            self.swap_layer(f'{name}.{rel}', rel not in entries)
+        # the block input is quantized at the activation bits of its first layer
+        in_q = self.factory.act(self.qcfg.bits_for(f'{name}.{every[0]}', self.first, self.last)[1], self.device)
+        if in_q is not None:
+            unit.add_module('input_quantizer', in_q)
+            unit.register_forward_pre_hook(_quantize_block_input)
+        setattr(unit, UNIT_ATTR, rule.kind)
+
+    def swap_single(self, parent, child_name, name):
+        """A layer outside every block: its own unit, with the tail a rule names after it."""
+        if self.qcfg.is_skipped(name):
+            return
+        tail = next((t for r in self.rules for t in [r.layer_tail(parent, child_name)] if t), None)
+        kind = type(parent.get_submodule(child_name)).__name__
+        qlayer = self.swap_layer(name, True)
+        setattr(qlayer, UNIT_ATTR, kind)
+        if tail:
+            setattr(qlayer, TAIL_ATTR, tuple(tail))
+
+    def visit(self, prefix, module):
+        for child_name, child in list(module.named_children()):
+            name = prefix + child_name
+            rule = next((r for r in self.rules if r.match(module, child_name, child)), None)
+            if rule is not None:
+                self.swap_block(rule, module, child_name, name)
+            elif quant_twin(child) is not None:
+                self.swap_single(module, child_name, name)
+            else:
+                self.visit(name + '.', child)
 
 
 def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
@@ -78,51 +127,8 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     kept = [n for n in layer_names if not qcfg.is_skipped(n)]
     if not kept:
         raise ValueError('quant_cfg.skip excludes every quantizable layer')
-    first, last = kept[0], kept[-1]
     model.eval()
     if qcfg['fold_bn']:
         fold_bn(model)
-    device = next(model.parameters()).device
-
-    def swap_layer(name, with_input_quantizer):
-        layer = model.get_submodule(name)
-        w_bits, a_bits = qcfg.bits_for(name, first, last)
-        in_q = factory.act(a_bits, device) if with_input_quantizer else None
-        qlayer = quant_twin(layer).from_float(layer, factory.weight(layer, w_bits), in_q)
-        model.set_submodule(name, qlayer)
-        return qlayer
-
-    def visit(prefix, module):
-        for child_name, child in list(module.named_children()):
-            name = prefix + child_name
-            rule = next((r for r in rules if r.match(module, child_name, child)), None)
-            if rule is not None:
-                unit = rule.prepare(module, child_name, child)
-                if unit is not child:
-                    setattr(module, child_name, unit)
-                    child = unit
-                every = [n for n, m in child.named_modules() if quant_twin(m) is not None]
-                entries = set(rule.entry_layers(child, every))  # skipped layers still read the input
-                inner = [n for n in every if not qcfg.is_skipped(f'{name}.{n}')]
-                if not inner:
-                    continue
-                for rel in inner:
-                    swap_layer(f'{name}.{rel}', rel not in entries)
-                # the block input is quantized at the activation bits of its first layer
-                in_q = factory.act(qcfg.bits_for(f'{name}.{every[0]}', first, last)[1], device)
-                if in_q is not None:
-                    child.add_module('input_quantizer', in_q)
-                    child.register_forward_pre_hook(_quantize_block_input)
-                setattr(child, UNIT_ATTR, rule.kind)
-            elif quant_twin(child) is not None:
-                if not qcfg.is_skipped(name):
-                    tail = next((t for r in rules for t in [r.layer_tail(module, child_name)] if t), None)
-                    qlayer = swap_layer(name, True)
-                    setattr(qlayer, UNIT_ATTR, type(child).__name__)
-                    if tail:
-                        setattr(qlayer, TAIL_ATTR, tuple(tail))
-            else:
-                visit(name + '.', child)
-
-    visit('', model)
+    _Swapper(model, qcfg, rules, factory, kept[0], kept[-1]).visit('', model)
     return model

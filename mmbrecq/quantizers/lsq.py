@@ -33,9 +33,9 @@ class LSQQuantizer(UniformQuantizer):
         self.scale.requires_grad_(True)
 
     def set_qdrop(self, prob=None):
-        """QDrop on (``prob``: probability of keeping the quantized value, in (0, 1]) or off."""
-        if prob is not None and not 0 < prob <= 1:
-            raise ValueError(f'qdrop_prob must be in (0, 1] or None, got {prob!r}')
+        """QDrop on (``prob``: probability of keeping the quantized value, in [0, 1]) or off."""
+        if prob is not None and not 0 <= prob <= 1:
+            raise ValueError(f'qdrop_prob must be in [0, 1] or None, got {prob!r}')
         self.qdrop_prob = None if prob == 1 else prob
 
     @property
@@ -43,9 +43,12 @@ class LSQQuantizer(UniformQuantizer):
         """Whether :meth:`forward` is exactly the per-tensor LSQ fake quantizer right now, so
         that a fused kernel (:func:`mmbrecq.reconstruction.objective.quantized_reconstruction_loss`)
         may stand in for it: enabled, initialised, per-tensor, no QDrop in training, no hook.
-        A subclass whose :meth:`quantize` computes something else returns False.
+        A subclass whose :meth:`quantize` or :meth:`forward` computes something else is not
+        fusable unless it says so by overriding this property.
         """
-        return (self.enabled and self.initialized and self.ch_axis is None
+        cls = type(self)
+        return (cls.quantize is LSQQuantizer.quantize and cls.forward is LSQQuantizer.forward
+                and self.enabled and self.initialized and self.ch_axis is None
                 and not (self.qdrop_prob is not None and self.training)
                 and not (self._forward_hooks or self._forward_pre_hooks))
 

@@ -120,6 +120,15 @@ class UniformQuantizer(nn.Module):
         self.zero_point.copy_(zero_point)
         self.initialized = True
 
+    def set_role(self, role: str):
+        """Say what this quantizer quantizes (``'weight'`` / ``'act'``); a quantizer built for
+        one role cannot take the other."""
+        if role not in ('weight', 'act'):
+            raise ValueError(f"role={role!r}: expected 'weight' or 'act'")
+        if self.role not in (None, role):
+            raise ValueError(f'{type(self).__name__} was built as a {self.role!r} quantizer, not {role!r}')
+        self.role = role
+
     def set_bits(self, bits: int):
         """Re-grid at ``bits``; the range must then be initialised again."""
         self.bits = check_bits(bits, 'bits')

@@ -101,7 +101,13 @@ def probe_units(model, units, calib: CalibrationSet):
     if never:
         raise RuntimeError(f'units never executed by a forward pass: {never}; skip them in '
                            'quant_cfg.skip or check the model')
-    n = batch_size(calib.batches[0])
+    _fill_traces(traces, order, ins, outs, values, batch_size(calib.batches[0]))
+    ordered = sorted(units, key=lambda u: traces[u.name].order)
+    return ordered, traces
+
+
+def _fill_traces(traces, order, ins, outs, values, n):
+    """Order, shapes, rows per sample and chaining of every unit the probe saw run."""
     for i, name in enumerate(order):
         t = traces[name]
         t.order = i
@@ -115,8 +121,6 @@ def probe_units(model, units, calib: CalibrationSet):
             prev, prev_val = outs.get(order[i - 1], []), values.get(order[i - 1], [])
             t.chained = len(prev) == len(ins[name]) and all(
                 a is b and torch.equal(a, v) for a, b, v in zip(ins[name], prev, prev_val))
-    ordered = sorted(units, key=lambda u: traces[u.name].order)
-    return ordered, traces
 
 
 def run_capture(model, unit, calib: CalibrationSet, calls, on_input=None, on_output=None,
