@@ -231,14 +231,18 @@ def test_digits_checkpoint_fits_the_demo_model():
 
 
 def test_metafile_lists_every_config():
-    """configs/brecq/metafile.yml (OpenMMLab model index) names each config once, and only
-    measured or paper figures: rows without a figure say so with ``Results: null``."""
+    """configs/brecq/metafile.yml (OpenMMLab model index) names each config once; ``Results``
+    hold only what this project measured (``Status: measured``), paper figures stay in
+    ``Metadata.Paper Results``, and a row without a measurement says ``not measured``."""
     import yaml
     meta = yaml.safe_load((CONFIG_DIR / 'metafile.yml').read_text())
     listed = sorted(m['Config'].split('/')[-1] for m in meta['Models'])
     assert listed == sorted(p.name for p in CONFIG_DIR.glob('*.py'))
     for m in meta['Models']:
         assert (Path(__file__).parents[1] / m['Config']).is_file()
+        status = m['Metadata']['Status']
+        assert status.startswith(('measured', 'not measured')), m['Name']
+        assert bool(m['Results']) == status.startswith('measured'), m['Name']
         for r in m['Results'] or []:
             metric = 'box AP' if r.get('Task') == 'Object Detection' else 'Top 1 Accuracy'
             assert 0 < r['Metrics'][metric] <= 100
