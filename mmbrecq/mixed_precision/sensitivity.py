@@ -274,7 +274,6 @@ def measure_sensitivity(model, calib, spaces: List[UnitSpace], recon_cfg=None, i
     """
     t0 = time.perf_counter()
     rcfg = dict(recon_cfg or {})
-    rcfg.pop('type', None)
     rcfg.update(granularity='block', loss='fisher_diag', fisher_weight=fisher_weight, progress=False,
                 input_mix='fp', act_mode='joint')
     if iters > 0:

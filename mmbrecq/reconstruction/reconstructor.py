@@ -55,7 +55,6 @@ class BlockReconstructor:
     """
 
     def __init__(self, **cfg):
-        cfg.pop('type', None)
         self.cfg = recon_config(cfg)
 
     def units_of(self, qmodel):

@@ -67,8 +67,8 @@ class UnitTargets:
             the final model.
     """
 
-    def __init__(self, model, calib: CalibrationSet, budget: CacheBudget, task_loss=None,
-                 fisher_mode='abs_plus_one', always_quantized=()):
+    def __init__(self, model, calib: CalibrationSet, budget: CacheBudget, task_loss, fisher_mode,
+                 always_quantized=()):
         self.model, self.calib, self.budget = model, calib, budget
         self.task_loss, self.fisher_mode = task_loss, fisher_mode
         self.always_quantized = list(always_quantized)
