@@ -3,7 +3,6 @@
 They are ordinary mmengine hooks reacting to the PTQ loop's stage events, added by
 ``tools/ptq.py`` unless the config already lists them in ``custom_hooks``.
 """
-import json
 import os.path as osp
 
 from mmengine.hooks import Hook
@@ -12,12 +11,14 @@ from mmengine.dist import master_only
 from mmbrecq.registry import HOOKS
 from mmbrecq.modules import QuantConfig
 from mmbrecq.reconstruction.plot import plot_losses
+from mmbrecq.utils import atomic_json_dump
 from .quant_checkpoint import save_quantized
 
 
 @HOOKS.register_module()
 class QuantCheckpointHook(Hook):
-    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times) when PTQ ends."""
+    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times, what was loaded) when
+    PTQ ends, each all or nothing."""
 
     priority = 'LOW'
 
@@ -33,8 +34,7 @@ class QuantCheckpointHook(Hook):
         w_bits = 'mixed' if results.get('mixed_precision') else parsed.w_bits  # bit map: results['mixed_precision']
         summary = dict(config=runner.cfg.filename, w_bits=w_bits, a_bits=parsed.a_bits,
                        keep_8bit=parsed.keep_8bit, checkpoint=path, **results)
-        with open(osp.join(runner.work_dir, self.summary), 'w') as f:
-            json.dump(summary, f, indent=2, default=str)
+        atomic_json_dump(summary, osp.join(runner.work_dir, self.summary), indent=2, default=str)
         runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')
 
 

@@ -12,6 +12,7 @@ from mmbrecq.modules.swap import (Unit, calibrate_activations, find_units, quant
                                   set_quant_state)
 from mmbrecq.modules.quant_layers import QuantLayerMixin
 from mmbrecq.registry import RECONSTRUCTORS, TASK_LOSSES, build_from
+from mmbrecq.utils import CheckpointError, atomic_save, load_checkpoint_file
 from mmbrecq.utils.dist import global_sum, is_main, main_then_barrier
 from .cache import CacheBudget
 from .capture import CalibrationSet, probe_units, run_capture
@@ -219,22 +220,25 @@ class BlockReconstructor:
     # -- state ----------------------------------------------------------------------------
     @main_then_barrier
     def _save_state(self, qmodel, work_dir, done, records):
-        path = osp.join(work_dir, STATE_FILE)
-        tmp = path + '.tmp'
-        torch.save(dict(done=list(done), state_dict=qmodel.state_dict(), records=records), tmp)
-        os.replace(tmp, path)
+        atomic_save(dict(done=list(done), state_dict=qmodel.state_dict(), records=records),
+                    osp.join(work_dir, STATE_FILE))
 
     def _load_state(self, qmodel, work_dir, units, logger):
         path = osp.join(work_dir, STATE_FILE)
         if not osp.isfile(path):
             print_log(f'resume: no {STATE_FILE} in {work_dir}, starting from the first unit', logger)
             return [], []
-        state = torch.load(path, map_location='cpu', weights_only=False)
+        state = load_checkpoint_file(path, what='resume state')
+        fix = 'resume with the config and checkpoint the run was started with, or start without --resume'
         names = [u.name for u in units]
         unknown = [n for n in state['done'] if n not in names]
         if unknown:
-            raise RuntimeError(f'{path} was written for another model: units {unknown[:3]} do not exist')
-        qmodel.load_state_dict(state['state_dict'])
+            raise CheckpointError(f'{path} was written for another model: units {unknown[:3]} do not exist; {fix}')
+        try:
+            qmodel.load_state_dict(state['state_dict'])
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f'{path} does not fit this model and quant_cfg ({" ".join(str(e).split())[:400]}); '
+                                  f'{fix}') from e
         print_log(f'resume: {len(state["done"])}/{len(units)} units already reconstructed ({path})', logger)
         return list(state['done']), list(state['records'])
 
