@@ -29,7 +29,7 @@ def _env(**extra):
 
 def _run(cmd, log, **env):
     with open(log, 'w') as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT)
     assert proc.returncode == 0, Path(log).read_text()[-3000:]
 
 
