@@ -55,7 +55,7 @@ def test_dist_ptq_two_cpu_processes_equal_one(tmp_path):
         assert ra['name'] == rb['name']
         assert rb['loss_start'] == pytest.approx(ra['loss_start'], rel=1e-5)   # same calibration samples
         assert rb['loss_end'] == pytest.approx(ra['loss_end'], rel=1e-3)
-    sa, sb = (torch.load(d / 'quantized.pth', weights_only=False)['state_dict'] for d in (single, dist))
+    sa, sb = (torch.load(d / 'quantized.pth', weights_only=True)['state_dict'] for d in (single, dist))
     same = total = 0
     for k, v in sa.items():
         if k.endswith('alpha'):

@@ -21,7 +21,6 @@ together they take more than about two minutes on the 2-core CI machine).
 import ast
 import json
 import os
-import os.path as osp
 import signal
 import subprocess
 import sys
