@@ -1,8 +1,9 @@
 """The PTQ loop: mmengine's test loop turned into calibrate → reconstruct → evaluate.
 
 Registered in LOOPS and run by ``runner.test()`` (``test_cfg=dict(type='mmbrecq.PTQLoop')``),
-so mmengine loads the float checkpoint (``load_from``), builds the test dataloader and
-evaluator from the config, and drives the hooks. Stages announce themselves through
+so mmengine builds the test dataloader and evaluator from the config and drives the
+hooks; the loop loads the float checkpoint itself, strictly (``checkpoint``: every key
+matched, every value finite), before any work. Stages announce themselves through
 ``runner.call_hook`` so that ``custom_hooks`` can observe or extend a run:
 
 ``before_calibration`` / ``after_calibration(calib)`` (the calibration set is drawn before
