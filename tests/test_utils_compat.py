@@ -244,7 +244,7 @@ def test_trusted_checkpoints_opt_in_runs_the_full_unpickler(tmp_path):
 
 def test_restricted_getattr_of_history_buffer():
     assert compat._history_buffer_getattr(HistoryBuffer, 'min') is HistoryBuffer.min
-    for obj, name in ((HistoryBuffer, '__init__'), (HistoryBuffer, '_set_default_statistics'), (os, 'system'),
+    for obj, name in ((HistoryBuffer, '__init__'), (HistoryBuffer, 'update'), (os, 'system'),
                       (HistoryBuffer.min, '__globals__')):
         with pytest.raises(pickle.UnpicklingError):
             compat._history_buffer_getattr(obj, name)

@@ -30,6 +30,7 @@ TRUST_HINT = ('if you trust the file (it runs code when loaded), pass --trust-ch
 
 _applied = False
 _trust = [False]
+_STATISTICS = ('min', 'max', 'current', 'mean')  # HistoryBuffer's default statistics methods
 
 
 def _history_buffer_getattr(obj, name):
@@ -39,8 +40,7 @@ def _history_buffer_getattr(obj, name):
     pickle writes as ``getattr(HistoryBuffer, 'min')``; a general ``getattr`` would reach
     far beyond that, so this one is registered under the name ``builtins.getattr`` instead.
     """
-    if obj is HistoryBuffer and isinstance(name, str) and not name.startswith('_') and callable(
-            getattr(HistoryBuffer, name, None)):
+    if obj is HistoryBuffer and name in _STATISTICS:
         return getattr(obj, name)
     raise pickle.UnpicklingError(f'getattr({obj!r}, {name!r}) is not allowed by a weights-only load')
 
