@@ -329,7 +329,8 @@ class BlockReconstructor:
             if out_q is not None:
                 out_q.load_state_dict(snapshot[1])
                 out_q.scale.requires_grad_(False)
-            msg = f'unit {unit.name!r} ({unit.kind}): {e}; its state was restored to before the unit'
+            msg = (f'unit {unit.name!r} ({unit.kind}): {e}{_nonfinite_origin(data, calib)}; its state was '
+                   'restored to before the unit')
             if cfg['on_nan'] == 'fail':
                 print_log(msg, logger, level=40)
                 raise NonFiniteLoss(msg) from e
@@ -359,6 +360,23 @@ class BlockReconstructor:
             f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
             f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)
         return record
+
+
+_ORIGIN = dict(  # which cache is not finite -> where the cause lies
+    x_q='its quantized input is not finite (the cause is upstream of this unit)',
+    x_fp='its float input is not finite (the float model upstream of this unit gives NaN/inf)',
+    y_fp='its float output target is not finite (the float model up to this unit gives NaN/inf)',
+    weight='its Fisher weights are not finite (the cause is downstream: the layers after this unit give NaN/inf)')
+
+
+def _nonfinite_origin(data, calib):
+    """``'; <where the NaN comes from>'`` when one of a unit's caches is not finite, else ``''``:
+    a NaN downstream of a unit makes its Fisher weights, and so its loss, NaN first."""
+    for key, text in _ORIGIN.items():
+        caches = getattr(data, key) or []
+        if any(not bool(torch.isfinite(c.read(s, e)).all()) for c in caches for s, e in calib.chunks()):
+            return f'; {text}'
+    return ''
 
 
 def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resume=False, logger=None,
