@@ -59,7 +59,7 @@ def test_int_format(saved):
 def test_float_format(saved, tmp_path):
     out = tmp_path / 'sub' / 'baked.pth'
     assert EXPORT.main([str(CONFIG), str(saved['path']), '--format', 'float', '--out', str(out)]) == 0
-    ckpt = torch.load(out, map_location='cpu', weights_only=False)
+    ckpt = torch.load(out, map_location='cpu', weights_only=True)
     stock = EXPORT.build_model(saved['cfg'])
     stock.load_state_dict(ckpt['state_dict'], strict=True)
     model = saved['model']

@@ -119,3 +119,15 @@ def test_expand_is_exact_for_additive_errors():
     assert len(est) == 8 - 2
     for o in sp.options:
         assert table[o] == pytest.approx(f(o))
+
+
+def test_unreadable_sensitivity_cache_is_measured_again(tmp_path):
+    """An empty or corrupt cache file (a kill mid-write) is an empty cache, not a JSONDecodeError."""
+    import json
+    path = tmp_path / 'sensitivity_cache.json'
+    for content in ('', '{"version": 1, "entr'):
+        path.write_text(content)
+        cache = sensitivity.SensitivityCache(str(path))
+        assert cache.data == {}
+        cache.put('fp', 'unit', {'4': 0.5})
+        assert json.loads(path.read_text())['entries'] == {'fp': {'unit': {'4': 0.5}}}

@@ -228,7 +228,7 @@ def _resume(rank, world_size, base):
         mmbrecq.reconstruct(qmodel, batches, recon, work_dir=wd, plot=False, hooks=[_Crash()])
     except KeyboardInterrupt:
         pass
-    done = torch.load(os.path.join(wd, 'recon_state.pth'), weights_only=False)['done']
+    done = torch.load(os.path.join(wd, 'recon_state.pth'), weights_only=True)['done']
     qmodel = mmbrecq.quantize_model(_model(), QCFG)  # a fresh process's model: every rank loads the state
     mmbrecq.calibrate_activations(qmodel, batches[:1])
     mmbrecq.reconstruct(qmodel, batches, recon, work_dir=wd, resume=True, plot=False)

@@ -12,6 +12,7 @@ import mmbrecq.reconstruction.optimize as optimize_mod
 from mmbrecq.modules import QuantLayerMixin, quantizers_of
 from mmbrecq.quantizers import AdaRoundQuantizer
 from mmbrecq.reconstruction import CalibrationSet, NonFiniteLoss
+from mmbrecq.utils import CheckpointError
 
 torch.set_num_threads(1)
 
@@ -209,7 +210,7 @@ def test_resume_state_of_another_model_is_refused(tmp_path):
     mmbrecq.reconstruct(_quantized(), _batches(), dict(BASE, loss='mse'), work_dir=str(tmp_path))
     torch.manual_seed(0)
     other = mmbrecq.quantize_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 4, 1)), FAST)
-    with pytest.raises(RuntimeError, match='another model'):
+    with pytest.raises(CheckpointError, match='another model'):
         mmbrecq.reconstruct(other, _batches(), dict(BASE, loss='mse'), work_dir=str(tmp_path), resume=True)
 
 

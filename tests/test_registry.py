@@ -111,7 +111,7 @@ def test_custom_imports_alone_loads_the_plugin(tmp_path):
         assert CheckpointLoader._schemes[''].__module__ == 'mmbrecq.utils.compat'
         print('OK')
     """)
-    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
+    res = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True)
     assert res.returncode == 0 and res.stdout.strip().endswith('OK'), res.stderr[-2000:]
 
 

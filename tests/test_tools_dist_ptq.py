@@ -29,7 +29,7 @@ def _env(**extra):
 
 def _run(cmd, log, **env):
     with open(log, 'w') as f:
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT, timeout=900)
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(**env), stdout=f, stderr=subprocess.STDOUT)
     assert proc.returncode == 0, Path(log).read_text()[-3000:]
 
 
@@ -56,7 +56,7 @@ def test_dist_ptq_two_cpu_processes_equal_one(tmp_path):
         assert ra['name'] == rb['name']
         assert rb['loss_start'] == pytest.approx(ra['loss_start'], rel=1e-5)   # same calibration samples
         assert rb['loss_end'] == pytest.approx(ra['loss_end'], rel=1e-3)
-    sa, sb = (torch.load(d / 'quantized.pth', weights_only=False)['state_dict'] for d in (single, dist))
+    sa, sb = (torch.load(d / 'quantized.pth', weights_only=True)['state_dict'] for d in (single, dist))
     same = total = 0
     for k, v in sa.items():
         if k.endswith('alpha'):

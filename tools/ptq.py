@@ -10,18 +10,26 @@ CUDA the same launchers run CPU processes over gloo.
 CONFIG inherits the float model's config (``_base_ = 'mmpretrain::…'``) and adds
 ``quant_cfg`` and ``float_checkpoint``. Results land in the work dir: ``quantized.pth``,
 ``summary.json``, ``recon_losses.png``, the resume state and the logs.
+
+Every user error (config, checkpoint, work dir, option) stops with one line naming it and
+exit code 2; checkpoints are read with ``weights_only=True`` unless ``--trust-checkpoint``.
 """
 import argparse
+import contextlib
 import copy
 import os
 import os.path as osp
 import sys
 
-from mmengine.config import Config, DictAction
 from mmengine.runner import Runner
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+if sys.path[:1] != [ROOT]:  # this checkout's mmbrecq, whichever one a shared environment installed
+    sys.path.insert(0, ROOT)
 
 
 def parse_args(argv=None):
+    from mmbrecq.utils.cli import CfgOptionsAction, add_trust_argument
     parser = argparse.ArgumentParser(description='BRECQ post-training quantization')
     parser.add_argument('config', help='PTQ config file (inherits the float model config)')
     parser.add_argument('--checkpoint', help='float checkpoint (default: float_checkpoint in the config)')
@@ -30,8 +38,9 @@ def parse_args(argv=None):
                         help='continue an interrupted run in the work dir (finished units are kept)')
     parser.add_argument('--no-fp-eval', action='store_true', help='skip the float evaluation')
     parser.add_argument('--no-nearest-eval', action='store_true', help='skip the nearest-rounding evaluation')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+    parser.add_argument('--cfg-options', nargs='+', action=CfgOptionsAction,
                         help='override settings of the config, e.g. quant_cfg.w_bits=2')
+    add_trust_argument(parser)
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none')
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
     args = parser.parse_args(argv)
@@ -45,12 +54,9 @@ def _is_url(path):
 
 
 def build_ptq_config(args):
-    """The mmengine config of a PTQ run; every user error is raised here, before any work."""
-    if not osp.isfile(args.config):
-        raise FileNotFoundError(f'config file {args.config!r} does not exist')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    """The mmengine config of a PTQ run; every user error in it is raised here, before any work."""
+    from mmbrecq.utils.cli import load_config
+    cfg = load_config(args.config, args.cfg_options)
     if cfg.get('quant_cfg') is None:
         raise ValueError(f'{args.config} has no quant_cfg section; a PTQ config inherits the float model '
                          "config and adds quant_cfg=dict(w_bits=..., a_bits=...) (see configs/brecq/)")
@@ -66,7 +72,7 @@ def build_ptq_config(args):
         raise ValueError('no float checkpoint: set float_checkpoint in the config or pass --checkpoint')
     if not _is_url(ckpt) and not osp.isfile(ckpt):
         raise FileNotFoundError(f'float checkpoint {ckpt!r} does not exist (float_checkpoint / --checkpoint)')
-    cfg.load_from = ckpt
+    cfg.load_from = None  # the PTQ loop loads it strictly (mmengine's load_from only warns about wrong keys)
     cfg.resume = False
 
     if args.work_dir:
@@ -75,7 +81,7 @@ def build_ptq_config(args):
         cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
     cfg.launcher = args.launcher
     cfg.test_cfg = dict(type='mmbrecq.PTQLoop', eval_fp=not args.no_fp_eval,
-                        eval_nearest=not args.no_nearest_eval, resume=args.resume)
+                        eval_nearest=not args.no_nearest_eval, resume=args.resume, checkpoint=ckpt)
     hooks = list(cfg.get('custom_hooks') or [])
     present = {str(h.get('type', '')).split('.')[-1] for h in hooks}
     for name in ('QuantCheckpointHook', 'ReconLossPlotHook'):
@@ -89,16 +95,25 @@ def build_ptq_config(args):
 def main(argv=None):
     args = parse_args(argv)
     import mmbrecq  # noqa: F401  (registers everything, applies the torch-2.9 shims)
+    from mmbrecq.utils import InputError, WorkDirLock, make_work_dir, trusted_checkpoints
+    from mmbrecq.utils.cli import launcher_rank
+    from mmbrecq.utils.dist import prepare_launcher
     try:
         cfg = build_ptq_config(args)
-    except (ValueError, FileNotFoundError) as e:
+        make_work_dir(cfg.work_dir)
+    except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError
         print(f'error: {e}', file=sys.stderr)
         return 2
-    os.makedirs(osp.abspath(cfg.work_dir), exist_ok=True)
-    from mmbrecq.utils.dist import prepare_launcher
-    prepare_launcher(cfg)  # --launcher pytorch|slurm|mpi without CUDA: a gloo group of CPU processes
-    runner = Runner.from_cfg(cfg)
-    runner.test()
+    try:
+        # one run per work dir: a second one is refused (the lock goes with the process, also on a kill)
+        lock = WorkDirLock(cfg.work_dir) if launcher_rank(args.launcher) == 0 else contextlib.nullcontext()
+        with lock, trusted_checkpoints(args.trust_checkpoint):
+            prepare_launcher(cfg)  # --launcher pytorch|slurm|mpi without CUDA: a gloo group of CPU processes
+            runner = Runner.from_cfg(cfg)
+            runner.test()
+    except (InputError, FileNotFoundError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        return 2
     return 0
 
 

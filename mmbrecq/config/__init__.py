@@ -14,10 +14,10 @@ from .quant_cfg import (
                         searcher_args,
                         validate_quant_cfg,
 )
-from .schema import Key, Section
+from .schema import ConfigError, Key, Section
 
 __all__ = [
     'QUANT_CFG', 'DEFAULTS', 'DEFAULT_RECON', 'DEFAULT_CALIB', 'DEFAULT_SENSITIVITY', 'FISHER_WEIGHTS',
     'FLOAT_ACT_BITS', 'validate_quant_cfg', 'recon_config', 'calib_config', 'mp_config', 'act_bits',
-    'searcher_args', 'Key', 'Section'
+    'searcher_args', 'ConfigError', 'Key', 'Section'
 ]

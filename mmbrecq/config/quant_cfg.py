@@ -13,6 +13,7 @@ from mmbrecq.quantizers import check_bits
 from mmbrecq.registry import BLOCK_RULES, COST_MODELS, QUANTIZERS, RECONSTRUCTORS, SEARCHERS, TASK_LOSSES
 
 from .schema import (
+    ConfigError,
     Key,
     Section,
     boolean,
@@ -37,20 +38,23 @@ FISHER_WEIGHTS = ('normalized', 'abs_plus_one', 'raw')
 
 
 def bits(v, path):
-    return check_bits(v, path)
+    try:
+        return check_bits(v, path)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def act_bits(v, path):
-    return None if v in FLOAT_ACT_BITS else check_bits(v, path)
+    return None if v in FLOAT_ACT_BITS else bits(v, path)
 
 
 # -- top level -----------------------------------------------------------------------------
 def _override(v, path):
     if not isinstance(v, dict) or 'pattern' not in v:
-        raise ValueError(f'{path} must be a dict with a "pattern" key, got {v!r}')
+        raise ConfigError(f'{path} must be a dict with a "pattern" key, got {v!r}')
     extra = set(v) - {'pattern', 'w_bits', 'a_bits'}
     if extra:
-        raise ValueError(f'{path} has unknown key(s) {sorted(extra)}; allowed: pattern, w_bits, a_bits')
+        raise ConfigError(f'{path} has unknown key(s) {sorted(extra)}; allowed: pattern, w_bits, a_bits')
     string(v['pattern'], f'{path}.pattern')
     if 'w_bits' in v:
         bits(v['w_bits'], f'{path}.w_bits')
@@ -64,7 +68,7 @@ def _pad_to(v, path):
     if v is None or v == 'max' or (isinstance(v, (list, tuple)) and len(v) == 2
                                     and all(is_int(x) and x > 0 for x in v)):
         return v
-    raise ValueError(f"{path}={v!r}: expected 'max', (height, width) or None")
+    raise ConfigError(f"{path}={v!r}: expected 'max', (height, width) or None")
 
 
 CALIB = Section(dict(
@@ -79,22 +83,22 @@ CALIB = Section(dict(
 
 
 def _not_dict(v, path):
-    raise ValueError(f'{path} must be a dataloader config dict, got {v!r}')
+    raise ConfigError(f'{path} must be a dataloader config dict, got {v!r}')
 
 
 # -- recon ---------------------------------------------------------------------------------
 def _b_range(v, path):
     if not (isinstance(v, (list, tuple)) and len(v) == 2 and all(is_number(x) and x > 0 for x in v)):
-        raise ValueError(f'{path} must be a pair of positive numbers (start, end), got {v!r}')
+        raise ConfigError(f'{path} must be a pair of positive numbers (start, end), got {v!r}')
     return tuple(v)
 
 
 def _cache(v, path):
     if not isinstance(v, dict):
-        raise ValueError(f'{path} must be a dict, got {v!r}')
+        raise ConfigError(f'{path} must be a dict, got {v!r}')
     unknown = sorted(set(v) - {'device_gb', 'host_gb', 'disk_dir'})
     if unknown:
-        raise ValueError(f'unknown key(s) in {path}: {unknown}; valid keys: device_gb, host_gb, disk_dir')
+        raise ConfigError(f'unknown key(s) in {path}: {unknown}; valid keys: device_gb, host_gb, disk_dir')
     for k in ('device_gb', 'host_gb'):
         if v.get(k) is not None:
             number_in(0, None)(v[k], f'{path}.{k}')
@@ -142,26 +146,26 @@ SENSITIVITY = Section(dict(
 
 def _budget(v, path):
     if not isinstance(v, dict) or len(v) != 1 or next(iter(v)) not in BUDGET_KEYS:
-        raise ValueError(f'{path} must be a dict with exactly one of {sorted(BUDGET_KEYS)}, got {v!r}')
+        raise ConfigError(f'{path} must be a dict with exactly one of {sorted(BUDGET_KEYS)}, got {v!r}')
     (key, value), = v.items()
     if isinstance(value, str):
         m = UNIFORM_RE.match(value)
         if not m:
-            raise ValueError(f"{path}.{key}={value!r}: a number or 'uniform_w<bits>' "
+            raise ConfigError(f"{path}.{key}={value!r}: a number or 'uniform_w<bits>' "
                              "(e.g. 'uniform_w3': the cost of uniform 3-bit weights)")
-        check_bits(int(m[1]), f'{path}.{key} (uniform bits)')
+        bits(int(m[1]), f'{path}.{key} (uniform bits)')
     elif not is_number(value) or not value > 0:
-        raise ValueError(f'{path}.{key} must be a positive number, got {value!r}')
+        raise ConfigError(f'{path}.{key} must be a positive number, got {value!r}')
     return dict(v)
 
 
 def _candidates(v, path):
     if not isinstance(v, (list, tuple)) or not v:
-        raise ValueError(f'{path} must be a non-empty list of bit widths, got {v!r}')
+        raise ConfigError(f'{path} must be a non-empty list of bit widths, got {v!r}')
     for i, b in enumerate(v):
-        check_bits(b, f'{path}[{i}]')
+        bits(b, f'{path}[{i}]')
     if len(set(v)) != len(v):
-        raise ValueError(f'{path} has duplicates: {list(v)}')
+        raise ConfigError(f'{path} has duplicates: {list(v)}')
     return tuple(sorted(v))
 
 
@@ -176,7 +180,7 @@ def _searcher_extra(merged, unknown, path):
     allowed = searcher_args(SEARCHERS.get(merged['type']))
     bad = sorted(set(unknown) - allowed)
     if bad:
-        raise ValueError(f'unknown key(s) in {path}: {bad}; valid: {sorted(set(MIXED_PRECISION.keys) | allowed)}')
+        raise ConfigError(f'unknown key(s) in {path}: {bad}; valid: {sorted(set(MIXED_PRECISION.keys) | allowed)}')
     merged['searcher'] = dict(unknown)
     return merged
 
@@ -184,7 +188,7 @@ def _searcher_extra(merged, unknown, path):
 def _mp_finalize(merged, path):
     """A budget, cost model vs budget, the latency table, a trial construction of the searcher."""
     if merged['budget'] is None:
-        raise ValueError(f'{path}.budget must be a dict with exactly one of {sorted(BUDGET_KEYS)}, got None')
+        raise ConfigError(f'{path}.budget must be a dict with exactly one of {sorted(BUDGET_KEYS)}, got None')
     merged.setdefault('searcher', {})
     (bkey, bval), = merged['budget'].items()
     merged['budget_key'], merged['budget_value'] = bkey, bval
@@ -192,18 +196,18 @@ def _mp_finalize(merged, path):
     cm = merged['cost_model'] or implied
     name_of(COST_MODELS, 'cost model')(cm, f'{path}.cost_model')
     if cm in BUDGET_KEYS.values() and cm != implied:
-        raise ValueError(f'{path}.cost_model={cm!r} does not measure budget.{bkey} '
+        raise ConfigError(f'{path}.cost_model={cm!r} does not measure budget.{bkey} '
                          f'(that is {implied}); drop cost_model or change the budget key')
     merged['cost_model'] = cm
     if cm == 'LatencyTable' and not merged['latency_table']:
-        raise ValueError(f'{path}.latency_table: budget.latency_ms needs a latency table file '
+        raise ConfigError(f'{path}.latency_table: budget.latency_ms needs a latency table file '
                          '(.json / .csv with layer, w_bits, a_bits, latency_ms)')
     if merged['latency_table'] and cm != 'LatencyTable':
-        raise ValueError(f'{path}.latency_table is only read with budget.latency_ms')
+        raise ConfigError(f'{path}.latency_table is only read with budget.latency_ms')
     try:
         SEARCHERS.get(merged['type'])(**merged['searcher'])
     except (TypeError, ValueError) as e:
-        raise ValueError(f'{path}: the {merged["type"]} arguments are invalid: {e}') from None
+        raise ConfigError(f'{path}: the {merged["type"]} arguments are invalid: {e}') from None
     return merged
 
 
@@ -238,7 +242,7 @@ QUANT_CFG = Section(dict(
 def validate_quant_cfg(cfg):
     """The merged ``quant_cfg`` (defaults filled in, every section checked)."""
     if cfg is None:
-        raise ValueError('the config has no quant_cfg section: add quant_cfg=dict(w_bits=..., '
+        raise ConfigError('the config has no quant_cfg section: add quant_cfg=dict(w_bits=..., '
                          'a_bits=...) (see configs/brecq/ and the README)')
     return QUANT_CFG.validate(_plain(cfg), 'quant_cfg')
 
@@ -263,7 +267,7 @@ def mp_config(cfg):
     """``quant_cfg.mixed_precision`` merged and checked; adds ``searcher`` (the searcher's own
     arguments) and ``budget_key`` / ``budget_value``."""
     if cfg is None:
-        raise ValueError('quant_cfg.mixed_precision must be a dict (or None), got None')
+        raise ConfigError('quant_cfg.mixed_precision must be a dict (or None), got None')
     return MIXED_PRECISION.validate(cfg, 'quant_cfg.mixed_precision')
 
 

@@ -1,12 +1,19 @@
 """A small declarative schema for nested config dicts: defaults, checks and the key path.
 
 Each key of a :class:`Section` has a default and a check; a check receives the value and
-its full key path (``quant_cfg.recon.iters``) and raises ``ValueError`` naming that path.
+its full key path (``quant_cfg.recon.iters``) and raises :class:`ConfigError` (an
+``InputError``: the tools print it and exit 2) naming that path.
 Sections nest (a key whose value is a section) and may be optional (``None`` allowed).
 Validation returns a fresh, merged dict: the user's dict is never mutated.
 """
 import copy
 import numbers
+
+from mmbrecq.utils.errors import InputError
+
+
+class ConfigError(InputError):
+    """A config value that cannot be used; the message names its full key path."""
 
 
 class Section:
@@ -36,7 +43,7 @@ class Section:
         if value is None and self.optional:
             return None
         if not isinstance(value, dict):
-            raise ValueError(f'{path} must be a dict{" or None" if self.optional else ""}, got {value!r}')
+            raise ConfigError(f'{path} must be a dict{" or None" if self.optional else ""}, got {value!r}')
         value = dict(value)
         unknown = {k: value.pop(k) for k in list(value) if k not in self.keys}
         merged = {}
@@ -50,7 +57,7 @@ class Section:
                                           sub, k in value)
         if unknown:
             if self.extra is None:
-                raise ValueError(f'unknown key(s) in {path}: {sorted(unknown)}; valid keys: {sorted(self.keys)}')
+                raise ConfigError(f'unknown key(s) in {path}: {sorted(unknown)}; valid keys: {sorted(self.keys)}')
             merged = self.extra(merged, unknown, path)
         return self.finalize(merged, path) if self.finalize else merged
 
@@ -78,32 +85,32 @@ def is_number(v):
 
 def positive_int(v, path):
     if not is_int(v) or v < 1:
-        raise ValueError(f'{path} must be a positive integer, got {v!r}')
+        raise ConfigError(f'{path} must be a positive integer, got {v!r}')
     return v
 
 
 def non_negative_int(v, path):
     if not is_int(v) or v < 0:
-        raise ValueError(f'{path} must be an integer >= 0, got {v!r}')
+        raise ConfigError(f'{path} must be an integer >= 0, got {v!r}')
     return v
 
 
 def integer(v, path):
     if not is_int(v):
-        raise ValueError(f'{path} must be an integer, got {v!r}')
+        raise ConfigError(f'{path} must be an integer, got {v!r}')
     return v
 
 
 def boolean(v, path):
     if not isinstance(v, bool):
-        raise ValueError(f'{path} must be True or False, got {v!r}')
+        raise ConfigError(f'{path} must be True or False, got {v!r}')
     return v
 
 
 def one_of(*choices):
     def check(v, path):
         if v not in choices:
-            raise ValueError(f'{path}={v!r}: expected one of {choices}')
+            raise ConfigError(f'{path}={v!r}: expected one of {choices}')
         return v
     return check
 
@@ -115,7 +122,7 @@ def number_in(lo, hi, lo_open=False, hi_open=False):
             hi is None or (v < hi if hi_open else v <= hi))
         if not ok:
             left, right = ('(' if lo_open else '['), (')' if hi_open else ']')
-            raise ValueError(f'{path} must be a number in {left}{"-inf" if lo is None else lo}, '
+            raise ConfigError(f'{path} must be a number in {left}{"-inf" if lo is None else lo}, '
                              f'{"inf" if hi is None else hi}{right}, got {v!r}')
         return v
     return check
@@ -129,14 +136,14 @@ def optional(check):
 def list_of(check, what='a list'):
     def run(v, path):
         if not isinstance(v, (list, tuple)):
-            raise ValueError(f'{path} must be {what}, got {v!r}')
+            raise ConfigError(f'{path} must be {what}, got {v!r}')
         return [check(x, f'{path}[{i}]') for i, x in enumerate(v)]
     return run
 
 
 def string(v, path):
     if not isinstance(v, str):
-        raise ValueError(f'{path} must be a string, got {v!r}')
+        raise ConfigError(f'{path} must be a string, got {v!r}')
     return v
 
 
@@ -144,7 +151,7 @@ def registered(registry, what):
     """A dict with a ``type`` registered in ``registry`` (the rest is the class's own arguments)."""
     def check(v, path):
         if not isinstance(v, dict) or 'type' not in v:
-            raise ValueError(f'{path} must be a dict with a "type" key, got {v!r}')
+            raise ConfigError(f'{path} must be a dict with a "type" key, got {v!r}')
         name_of(registry, what)(v['type'], f'{path}.type')
         return dict(v)
     return check
@@ -154,6 +161,6 @@ def name_of(registry, what):
     """The name of a class registered in ``registry``."""
     def check(v, path):
         if not isinstance(v, str) or registry.get(v) is None:
-            raise ValueError(f'{path}={v!r} is not a registered {what}; registered: {sorted(registry.module_dict)}')
+            raise ConfigError(f'{path}={v!r} is not a registered {what}; registered: {sorted(registry.module_dict)}')
         return v
     return check

@@ -7,6 +7,7 @@ from mmengine.runner import set_random_seed
 
 from mmbrecq.config import calib_config
 from mmbrecq.reconstruction import CalibrationSet
+from mmbrecq.utils import InputError
 from mmbrecq.utils.dist import global_max, read_global_stream, shard_batch
 
 from .detection import attach_proposals, detection_forward, is_detector, is_two_stage
@@ -61,11 +62,15 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
     loader_cfg['persistent_workers'] = False
     set_random_seed(c['seed'])  # augmentation draws from numpy/random: the same images every run
     loader = runner.build_dataloader(read_global_stream(loader_cfg, c['seed']), seed=c['seed'])
+    available = len(loader.dataset)
+    if c['num_samples'] > available:
+        raise InputError(f"quant_cfg.calib.num_samples={c['num_samples']} but the {c['split']} set has only "
+                         f'{available} samples; use at most {available}')
     batches, taken = [], 0
     with torch.no_grad():
         for batch in loader:
             data = model.data_preprocessor(batch, training=False)
-            n = min(c['batch_size'], c['num_samples'] - taken)
+            n = min(data['inputs'].shape[0], c['num_samples'] - taken)  # a short last batch counts as it is
             if n < data['inputs'].shape[0]:
                 data = dict(inputs=data['inputs'][:n], data_samples=data['data_samples'][:n])
             data = shard_batch(data, taken, n)  # several processes: this rank's samples (i -> rank i % W)
@@ -74,9 +79,9 @@ def build_calibration_set(runner, model, calib_cfg) -> CalibrationSet:
             taken += n
             if taken >= c['num_samples']:
                 break
-    if taken < c['num_samples']:
-        raise ValueError(f"quant_cfg.calib.num_samples={c['num_samples']} but the {c['split']} set "
-                         f'has only {taken} samples')
+    if taken < c['num_samples']:  # the loader dropped some (drop_last) or the set is shorter than its length
+        raise InputError(f"quant_cfg.calib.num_samples={c['num_samples']} but the {c['split']} dataloader "
+                         f'gives only {taken} samples; use at most {taken}')
     pad_batches(batches, c['pad_to'], float(getattr(model.data_preprocessor, 'pad_value', 0)))
     if not is_detector(model):
         return CalibrationSet(batches, tensor_forward)

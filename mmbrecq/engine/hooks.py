@@ -5,7 +5,6 @@ An ordinary mmengine hook reacting to the PTQ loop's ``after_ptq`` event, added 
 loss-curve hook, :class:`mmbrecq.reconstruction.ReconLossPlotHook`, which lives with the
 reconstruction it draws).
 """
-import json
 import os.path as osp
 
 from mmengine.dist import master_only
@@ -13,13 +12,15 @@ from mmengine.hooks import Hook
 
 from mmbrecq.modules import QuantConfig
 from mmbrecq.registry import HOOKS
+from mmbrecq.utils import atomic_json_dump
 
 from .quant_checkpoint import save_quantized
 
 
 @HOOKS.register_module()
 class QuantCheckpointHook(Hook):
-    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times) when PTQ ends."""
+    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times, what was loaded) when
+    PTQ ends, each all or nothing."""
 
     priority = 'LOW'
 
@@ -35,6 +36,5 @@ class QuantCheckpointHook(Hook):
         w_bits = 'mixed' if results.get('mixed_precision') else parsed.w_bits  # bit map: results['mixed_precision']
         summary = dict(config=runner.cfg.filename, w_bits=w_bits, a_bits=parsed.a_bits,
                        keep_8bit=parsed.keep_8bit, checkpoint=path, **results)
-        with open(osp.join(runner.work_dir, self.summary), 'w') as f:
-            json.dump(summary, f, indent=2, default=str)
+        atomic_json_dump(summary, osp.join(runner.work_dir, self.summary), indent=2, default=str)
         runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')

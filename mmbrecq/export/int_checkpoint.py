@@ -41,6 +41,7 @@ from torch import nn
 from mmbrecq.mixed_precision.bits import apply_bit_map
 from mmbrecq.modules import QuantConfig, fold_bn, quantize_model
 from mmbrecq.modules.bn_fold import adjacent_children
+from mmbrecq.utils import atomic_save, load_checkpoint_file
 from mmbrecq.version import __version__
 
 from ._common import (
@@ -183,8 +184,7 @@ def to_integer_checkpoint(qmodel: nn.Module, quant_cfg, pack: bool = True) -> di
 
 def save_integer_checkpoint(qmodel: nn.Module, quant_cfg, path: str, pack: bool = True) -> str:
     """Write :func:`to_integer_checkpoint` to ``path``; return ``path``."""
-    torch.save(to_integer_checkpoint(qmodel, quant_cfg, pack=pack), path)
-    return path
+    return atomic_save(to_integer_checkpoint(qmodel, quant_cfg, pack=pack), path)
 
 
 # ---------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ def read_integer_checkpoint(path) -> dict:
     """The checkpoint dict at ``path`` (tensors and builtins only: read with ``weights_only``)."""
     if not osp.isfile(path):
         raise FileNotFoundError(f'integer checkpoint {path!r} does not exist')
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint_file(path, what='integer checkpoint')
     if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
         fmt = ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f'{path} is not an mmbrecq integer checkpoint (format={fmt!r}, expected {FORMAT!r})')

@@ -41,6 +41,8 @@ import warnings
 import torch
 from torch import nn
 
+from mmbrecq.utils import atomic_path
+
 from ._common import act_quantizers, quant_layers, require_ready, weight_codes
 
 
@@ -227,9 +229,10 @@ def export_onnx(qmodel: nn.Module, example_input: torch.Tensor, path: str, opset
             dynamic_axes = {input_name: {0: 'batch'}, **{n: {0: 'batch'} for n in output_names}}
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # TorchScript-exporter deprecation and tracer warnings
-            torch.onnx.export(wrapped, (example_input, ), path, dynamo=False, opset_version=opset,
-                              input_names=[input_name], output_names=output_names, dynamic_axes=dynamic_axes,
-                              do_constant_folding=True)
+            with atomic_path(path) as tmp:  # a killed export leaves the previous file, never half of one
+                torch.onnx.export(wrapped, (example_input, ), tmp, dynamo=False, opset_version=opset,
+                                  input_names=[input_name], output_names=output_names,
+                                  dynamic_axes=dynamic_axes, do_constant_folding=True)
     return path
 
 

@@ -19,6 +19,7 @@ from mmbrecq.config.quant_cfg import UNIFORM_RE
 from mmbrecq.modules import QuantConfig, quantizers_of, set_quant_state
 from mmbrecq.reconstruction import calibrate_activations
 from mmbrecq.registry import COST_MODELS, SEARCHERS, build_from
+from mmbrecq.utils import InputError, atomic_json_dump
 
 from .bits import apply_bit_map
 from .cost_models import BOPs, ModelSize
@@ -105,8 +106,11 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
     spaces = search_space(model, qcfg, mp['candidates'])
     report = None
     if resume and path and osp.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except ValueError as e:
+            raise InputError(f'resume: {path} is not readable ({e}); delete it to search the bit map again') from e
         same, was, now = _same_search(saved, mp, spaces)
         if not same:
             raise ValueError(f'resume: {path} was searched with {was} (or for other layers), the config now '
@@ -118,8 +122,7 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
         report['search_seconds'] = time.perf_counter() - t0
         if path and write:
             os.makedirs(work_dir, exist_ok=True)
-            with open(path, 'w') as f:
-                json.dump(report, f, indent=1)
+            atomic_json_dump(report, path, indent=1)
             try:
                 from .plot import plot_sensitivity
                 plot_sensitivity(report, osp.join(work_dir, SENS_PLOT_FILE))

@@ -210,9 +210,12 @@ class SensitivityCache:
         self.path, self.write = path, write
         self.data = {}
         if path and osp.isfile(path):
-            with open(path) as f:
-                data = json.load(f)
-            if data.get('version') == CACHE_VERSION:
+            try:
+                with open(path) as f:
+                    data = json.load(f)
+            except ValueError:  # unreadable cache (a kill mid-write before writes were atomic): measure again
+                data = {}
+            if isinstance(data, dict) and data.get('version') == CACHE_VERSION:
                 self.data = data.get('entries', {})
 
     def get(self, fp, unit):

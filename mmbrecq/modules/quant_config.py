@@ -1,7 +1,7 @@
 """``quant_cfg`` as the swap reads it: which bits each layer gets."""
 import fnmatch
 
-from mmbrecq.config import DEFAULTS, act_bits, validate_quant_cfg
+from mmbrecq.config import DEFAULTS, ConfigError, act_bits, validate_quant_cfg
 
 __all__ = ['QuantConfig', 'DEFAULTS']
 
@@ -25,7 +25,7 @@ class QuantConfig:
         """Every pattern must match at least one quantizable layer: a typo is an error."""
         def check(key, pattern):
             if not fnmatch.filter(layer_names, pattern):
-                raise ValueError(f'{key}: pattern {pattern!r} matches no quantizable layer; '
+                raise ConfigError(f'{key}: pattern {pattern!r} matches no quantizable layer; '
                                  f'layers are e.g. {layer_names[:3] + layer_names[-2:]}')
         for p in self.skip:
             check('quant_cfg.skip', p)

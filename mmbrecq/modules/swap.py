@@ -110,6 +110,11 @@ class _Swapper:
                 self.visit(name + '.', child)
 
 
+def quantizable_layers(model: nn.Module):
+    """Names of the layers ``quantize_model`` would swap (``quant_cfg`` patterns match these)."""
+    return [n for n, m in model.named_modules() if quant_twin(m) is not None]
+
+
 def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     """Swap ``model`` (in place) into its fake-quantized twin; return it.
 
@@ -120,7 +125,7 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     # every check first: a config error must leave the user's model untouched
     rules = _build_rules(qcfg['block_rules'])
     factory = _QuantizerFactory(qcfg)
-    layer_names = [n for n, m in model.named_modules() if quant_twin(m) is not None]
+    layer_names = quantizable_layers(model)
     if not layer_names:
         raise ValueError(f'{type(model).__name__} has no Conv2d/Linear layer to quantize')
     qcfg.check_patterns(layer_names)

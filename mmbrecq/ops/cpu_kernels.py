@@ -15,9 +15,11 @@ least as accurate as torch's float sums). The torch code stays the reference and
 for everything the kernels do not cover (CUDA, other dtypes, per-channel scales).
 
 The extension is compiled with ``torch.utils.cpp_extension.load`` on first use (cached
-under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). If the build or
-import fails, one warning names the reason and the torch code is used from then on.
-``MMBRECQ_CPU_KERNELS=0`` switches the kernels off.
+under ``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``, in a directory
+named after the sources' content; see :mod:`mmbrecq.ops.build` for the lock that keeps a
+killed run from blocking the next). If the build or import fails, one warning names the
+reason and the torch code is used from then on. ``MMBRECQ_CPU_KERNELS=0`` switches the
+kernels off.
 """
 import contextlib
 import logging
@@ -27,6 +29,8 @@ import threading
 import time
 
 import torch
+
+from .build import build_directory, build_lock, extension_name, staged_sources
 
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
            'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward',
@@ -66,9 +70,12 @@ def _build():
         from torch.utils.cpp_extension import load
     finally:
         log.setLevel(level)
-    # (copies: load() appends to the lists it is given, which would change the build's hash)
-    return load(name=_NAME, sources=[_SOURCE], extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS),
-                verbose=False)
+    name = extension_name(_NAME, [_SOURCE], _CFLAGS + _LDFLAGS)
+    build_dir = build_directory(name)
+    with build_lock(build_dir, warn=_warn):
+        # (copies: load() appends to the lists it is given, which would change the build's hash)
+        return load(name=name, sources=staged_sources(build_dir, [_SOURCE]), build_directory=build_dir,
+                    extra_cflags=list(_CFLAGS), extra_ldflags=list(_LDFLAGS), verbose=False)
 
 
 def get_cpu_kernels():

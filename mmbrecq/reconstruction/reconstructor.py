@@ -19,6 +19,7 @@ from mmengine.utils import ProgressBar
 from mmbrecq.config import recon_config
 from mmbrecq.modules import quantizers_of, set_quant_state
 from mmbrecq.registry import RECONSTRUCTORS, build_from
+from mmbrecq.utils import CheckpointError, atomic_save, load_checkpoint_file
 from mmbrecq.utils.dist import main_then_barrier
 
 from .cache import CacheBudget
@@ -73,22 +74,25 @@ class BlockReconstructor:
     # -- state ----------------------------------------------------------------------------
     @main_then_barrier
     def _save_state(self, qmodel, work_dir, done, records):
-        path = osp.join(work_dir, STATE_FILE)
-        tmp = path + '.tmp'
-        torch.save(dict(done=list(done), state_dict=qmodel.state_dict(), records=records), tmp)
-        os.replace(tmp, path)
+        atomic_save(dict(done=list(done), state_dict=qmodel.state_dict(), records=records),
+                    osp.join(work_dir, STATE_FILE))
 
     def _load_state(self, qmodel, work_dir, units, logger):
         path = osp.join(work_dir, STATE_FILE)
         if not osp.isfile(path):
             print_log(f'resume: no {STATE_FILE} in {work_dir}, starting from the first unit', logger)
             return [], []
-        state = torch.load(path, map_location='cpu', weights_only=False)
+        state = load_checkpoint_file(path, what='resume state')
+        fix = 'resume with the config and checkpoint the run was started with, or start without --resume'
         names = [u.name for u in units]
         unknown = [n for n in state['done'] if n not in names]
         if unknown:
-            raise RuntimeError(f'{path} was written for another model: units {unknown[:3]} do not exist')
-        qmodel.load_state_dict(state['state_dict'])
+            raise CheckpointError(f'{path} was written for another model: units {unknown[:3]} do not exist; {fix}')
+        try:
+            qmodel.load_state_dict(state['state_dict'])
+        except (RuntimeError, ValueError) as e:
+            raise CheckpointError(f'{path} does not fit this model and quant_cfg ({" ".join(str(e).split())[:400]}); '
+                                  f'{fix}') from e
         print_log(f'resume: {len(state["done"])}/{len(units)} units already reconstructed ({path})', logger)
         return list(state['done']), list(state['records'])
 
@@ -144,7 +148,7 @@ class BlockReconstructor:
             print()
         return records
 
-    def _optimise(self, unit, data, trace, i, bar, out_q, logger):
+    def _optimise(self, unit, data, trace, i, bar, out_q, logger, calib):
         """Optimise ``unit``; on a non-finite loss restore it (and ``out_q``) and fail or fall
         back to nearest rounding (``quant_cfg.recon.on_nan``). Returns (status, history)."""
         cfg = self.cfg
@@ -157,7 +161,8 @@ class BlockReconstructor:
             if out_q is not None:
                 out_q.load_state_dict(snapshot[1])
                 out_q.scale.requires_grad_(False)
-            msg = f'unit {unit.name!r} ({unit.kind}): {e}; its state was restored to before the unit'
+            msg = (f'unit {unit.name!r} ({unit.kind}): {e}{_nonfinite_origin(data, calib)}; its state was '
+                   'restored to before the unit')
             if cfg['on_nan'] == 'fail':
                 print_log(msg, logger, level=40)
                 raise NonFiniteLoss(msg) from e
@@ -180,7 +185,8 @@ class BlockReconstructor:
         where = data.describe()
         targets.quantized_stream(done_units)
         status, hist = self._optimise(unit, data, trace, i, bar,
-                                      entry_quantizer(next_unit) if next_unit is not None else None, logger)
+                                      entry_quantizer(next_unit) if next_unit is not None else None, logger,
+                                      targets.calib)
         set_quant_state(unit.module, True, True)
         t3 = time.perf_counter()
         for c in (weights or []) + (x_fp or []):
@@ -199,6 +205,23 @@ class BlockReconstructor:
             f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
             f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)
         return record, Carry(unit, x_q, y_fp)
+
+
+_ORIGIN = dict(  # which cache is not finite -> where the cause lies
+    x_q='its quantized input is not finite (the cause is upstream of this unit)',
+    x_fp='its float input is not finite (the float model upstream of this unit gives NaN/inf)',
+    y_fp='its float output target is not finite (the float model up to this unit gives NaN/inf)',
+    weight='its Fisher weights are not finite (the cause is downstream: the layers after this unit give NaN/inf)')
+
+
+def _nonfinite_origin(data, calib):
+    """``'; <where the NaN comes from>'`` when one of a unit's caches is not finite, else ``''``:
+    a NaN downstream of a unit makes its Fisher weights, and so its loss, NaN first."""
+    for key, text in _ORIGIN.items():
+        caches = getattr(data, key) or []
+        if any(not bool(torch.isfinite(c.read(s, e)).all()) for c in caches for s, e in calib.chunks()):
+            return f'; {text}'
+    return ''
 
 
 def reconstruct(qmodel, calib, recon_cfg=None, forward=None, work_dir=None, resume=False, logger=None,
