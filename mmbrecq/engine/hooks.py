@@ -5,19 +5,24 @@ They are ordinary mmengine hooks reacting to the PTQ loop's stage events, added 
 """
 import json
 import os.path as osp
+from collections import Counter
 
 from mmengine.hooks import Hook
 from mmengine.dist import master_only
 
 from mmbrecq.registry import HOOKS
-from mmbrecq.modules import QuantConfig
+from mmbrecq.modules import QuantConfig, find_units
 from mmbrecq.reconstruction.plot import plot_losses
 from .quant_checkpoint import save_quantized
 
 
 @HOOKS.register_module()
 class QuantCheckpointHook(Hook):
-    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times) when PTQ ends."""
+    """Writes ``quantized.pth`` and ``summary.json`` (metrics, bits, times, unit kinds) when PTQ ends.
+
+    ``unit_kinds`` counts the reconstruction units per kind (``BasicBlock``,
+    ``InvertedResidualSE``, ``Conv2d`` for a single layer, ...): a model whose blocks no
+    rule covers shows only layer kinds there."""
 
     priority = 'LOW'
 
@@ -31,8 +36,9 @@ class QuantCheckpointHook(Hook):
                               extra_meta=dict(config=osp.basename(runner.cfg.filename or '')))
         parsed = QuantConfig(qcfg)  # the defaults live in one place
         w_bits = 'mixed' if results.get('mixed_precision') else parsed.w_bits  # bit map: results['mixed_precision']
+        unit_kinds = dict(Counter(u.kind for u in find_units(model)))
         summary = dict(config=runner.cfg.filename, w_bits=w_bits, a_bits=parsed.a_bits,
-                       keep_8bit=parsed.keep_8bit, checkpoint=path, **results)
+                       keep_8bit=parsed.keep_8bit, checkpoint=path, unit_kinds=unit_kinds, **results)
         with open(osp.join(runner.work_dir, self.summary), 'w') as f:
             json.dump(summary, f, indent=2, default=str)
         runner.logger.info(f'quantized checkpoint: {path}; summary: {osp.join(runner.work_dir, self.summary)}')

@@ -13,6 +13,7 @@ from torch import nn
 from mmbrecq.quantizers import UniformQuantizer
 from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
 from .bn_fold import fold_bn
+from .coverage import warn_uncovered_blocks
 from .quant_config import QuantConfig
 from .quant_layers import QuantLayerMixin, quant_twin
 from mmbrecq.utils.dist import shard_range_init
@@ -168,6 +169,7 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
                 visit(name + '.', child)
 
     visit('', model)
+    warn_uncovered_blocks(model, find_units(model))  # no silent fallback to layer-wise units
     return model
 
 
