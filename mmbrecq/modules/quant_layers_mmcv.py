@@ -9,6 +9,7 @@ that depends on the input size. The plain ``QuantConv2d`` twin would drop that p
 import math
 
 from mmcv.cnn.bricks.conv2d_adaptive_padding import Conv2dAdaptivePadding
+from torch import nn
 from torch.nn import functional as F
 
 from .quant_layers import QUANT_LAYER_TYPES, QuantConv2d
@@ -23,13 +24,21 @@ def same_padding(x, kernel_size, stride, dilation):
     return [pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2]
 
 
-class QuantConv2dAdaptivePadding(QuantConv2d):
+class QuantConv2dAdaptivePadding(QuantConv2d, Conv2dAdaptivePadding):
     """``QuantConv2d`` that pads its (quantized) input as ``Conv2dAdaptivePadding`` does.
 
-    The input is quantized before the zero padding: zero is exactly representable on
-    every grid (``qparams_from_range`` widens ranges to contain it), so the order does not
-    change the values, and it is the order of an integer kernel (pad with the zero point).
+    It is a ``Conv2dAdaptivePadding`` too (``isinstance`` checks keep working). The input
+    is quantized before the zero padding: zero is exactly representable on every grid
+    (``qparams_from_range`` widens ranges to contain it), so the order does not change the
+    values, and it is the order of an integer kernel (pad with the zero point).
     """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode='zeros', device=None, dtype=None):
+        # nn.Conv2d's signature (device=, padding_mode=: what QuantConv2d.from_float passes);
+        # the mmcv constructor only forces padding=0, which from_float copies anyway
+        nn.Conv2d.__init__(self, in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                           padding_mode, device, dtype)
 
     def forward(self, x):
         x = self._quantize_input(x)
