@@ -73,6 +73,27 @@ def test_unknown_block_warned_once_per_class(logged):
     assert coverage.uncovered_blocks(model, find_units(model)) == {path: ['1.0', '1.1', '1.2']}
 
 
+class Stage(nn.Module):
+    """A custom stage class (not a Sequential) of blocks, like DenseNet's DenseBlock."""
+
+    def __init__(self, c, n):
+        super().__init__()
+        self.blocks = nn.ModuleList(MyBlock(c) for _ in range(n))
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+def test_a_custom_stage_class_is_not_the_block(logged):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Stage(8, 2), Stage(8, 2), Head(8)).eval()
+    mmbrecq.quantize_model(model, FAST_QCFG)
+    assert len(logged) == 1 and f'{__name__}.MyBlock' in logged[0][0] and '(4 in all)' in logged[0][0]
+    assert 'Stage' not in logged[0][0]
+
+
 def test_a_registered_rule_silences_it(logged):
     name = 'TestMyBlockRule'
 

@@ -9,7 +9,9 @@ that holds at least two quantized layers, none of them in a block unit, and whos
 occurs at least twice in the model (networks stack their blocks; a neck or a head is
 one module). Generic containers (``Sequential``, ``ModuleList``, ``ModuleDict``: a stage
 of blocks) are not blocks themselves, and only the outermost such module is named (an
-unknown block with an SE branch is reported as the block, not as its SE layer).
+unknown block with an SE branch is reported as the block, not as its SE layer), unless
+it holds several modules of one such class itself: then it is a stage of blocks, like
+DenseNet's ``DenseBlock`` of ``DenseLayer``s, and the blocks inside are named.
 """
 import logging
 from collections import defaultdict
@@ -51,8 +53,12 @@ def uncovered_blocks(model: nn.Module, units):
     for name, cls in candidates.items():
         by_class[cls].append(name)
     repeated = {n for names in by_class.values() if len(names) >= 2 for n in names}
-    # outermost only: a repeated candidate inside another one is part of that block
-    outer = [n for n in repeated if not any(o != n and inside(n, o) for o in repeated)]
+    # a custom stage class (DenseNet's DenseBlock) holds several blocks of one class: not a block
+    stages = {n for n in repeated
+              if any(sum(inside(o, n) and o != n for o in names) >= 2 for names in by_class.values())}
+    blocks_like = repeated - stages
+    # outermost only: a repeated candidate inside another one is part of that block (an SE layer)
+    outer = [n for n in blocks_like if not any(o != n and inside(n, o) for o in blocks_like)]
     found = defaultdict(list)
     for name in sorted(outer, key=list(candidates).index):
         found[_qualname(candidates[name])].append(name)
