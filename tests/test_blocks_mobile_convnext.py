@@ -280,3 +280,25 @@ def test_onnx_export_matches_in_onnxruntime(family, tmp_path):
     counts = qdq_node_counts(path)
     n_q = len([q for q in quantizers_of(model) if q.enabled])
     assert counts['QuantizeLinear'] == counts['DequantizeLinear'] >= n_q
+
+
+def test_integer_and_baked_checkpoints(family, tmp_path):
+    """The integer checkpoint rebuilds the same model (twins included) from a fresh float one;
+    the baked float checkpoint loads strictly into the stock mmpretrain model and gives the
+    weight-quantized model's output (BN re-inserted as identity statistics)."""
+    from mmbrecq.export import bake_float_checkpoint, load_integer_checkpoint, save_integer_checkpoint
+    model, x = family['model'], family['x'][:2]
+    path = save_integer_checkpoint(model, FAST_QCFG, str(tmp_path / 'int.pth'))
+    rebuilt = load_integer_checkpoint(build_float(family['name']), path)
+    with torch.no_grad():
+        assert torch.equal(_forward(rebuilt, x), _forward(model, x))
+    baked = build_float(family['name'], seed=1)  # other weights: all must be overwritten
+    state = bake_float_checkpoint(model, build_float(family['name']))
+    baked.load_state_dict(state.get('state_dict', state), strict=True)
+    set_quant_state(model, True, False)
+    try:
+        with torch.no_grad():
+            ref = _forward(model, x)
+            assert _rel_err(_forward(baked.eval(), x), ref) < 1e-5
+    finally:
+        set_quant_state(model, True, True)
