@@ -80,6 +80,36 @@ def _rel_err(out, ref):
 # ---------------------------------------------------------------------------------------
 # units
 # ---------------------------------------------------------------------------------------
+def test_rules_registered_and_resolved():
+    """Each rule's lazily resolved import path exists in the pinned mmpretrain (a typo would
+    leave the rule matching nothing, silently)."""
+    from mmbrecq.registry import BLOCK_RULES
+    for name in ('ConvNeXtBlockRule', 'MBInvertedResidualRule', 'MBInvertedResidualSERule', 'EdgeResidualRule',
+                 'EdgeResidualSERule'):
+        assert len(BLOCK_RULES.get(name)().resolved_types()) == 1, name
+
+
+def test_edge_residual_units():
+    """EfficientNet-EdgeTPU-M: EdgeResidual blocks (no SE) besides MBConv ones. The SE
+    variant, built here by hand, is told apart by ``with_se``; its SE convs are in the block."""
+    from mmpretrain.models.backbones import EfficientNet
+    from mmpretrain.models.backbones.efficientnet import EdgeResidual
+    torch.manual_seed(0)
+    backbone = EfficientNet(arch='em')
+    backbone.eval()  # (EfficientNet.train returns None)
+    model = mmbrecq.quantize_model(backbone, FAST_QCFG)
+    kinds = Counter(u.kind for u in find_units(model))
+    assert kinds['EdgeResidual'] == 10 and kinds['InvertedResidual'] == 14
+    block = next(m for m in model.modules() if isinstance(m, EdgeResidual))
+    assert isinstance(block.input_quantizer, LSQQuantizer) and not _has_in_q(block.conv1.conv)
+    assert _has_in_q(block.conv2.conv)
+    se = EdgeResidual(16, 16, 32, se_cfg=dict(channels=32, ratio=4))
+    model = mmbrecq.quantize_model(nn.Sequential(nn.Conv2d(3, 16, 1), se, EdgeResidual(16, 16, 32)).eval(),
+                                   FAST_QCFG)
+    assert [u.kind for u in find_units(model)] == ['Conv2d', 'EdgeResidualSE', 'EdgeResidual']
+    assert _has_in_q(se.se.conv1.conv) and _has_in_q(se.se.conv2.conv)
+
+
 def test_block_units_found(family):
     units = find_units(family['model'])
     assert Counter(u.kind for u in units) == FAMILIES[family['name']][1]
