@@ -23,7 +23,7 @@ against the block's output. Its quantizers:
 
 * ``se.conv1`` reads the globally pooled tensor: a new tensor (the mean of the depthwise
   output, off the grid of anything upstream), which an integer kernel needs quantized, so
-  it has its own input quantizer (one value per channel and image: cheap and accurate);
+  it has its own input quantizer (it quantizes one value per channel and image);
 * ``se.conv2`` reads the ReLU output: its own quantizer, as after every activation;
 * the product ``x * gate`` is the input of ``linear_conv`` / ``conv2``, quantized by that
   conv's input quantizer: the multiply is an activation like any other. The two factors
