@@ -7,6 +7,7 @@ and one seed; each row is measured in this run.
 
     python benchmarks/bench_digits_methods.py [--settings w4a4 w2a4 w3a3 w2a2]
         [--iters 1000] [--num-samples 512] [--methods nearest layerwise brecq brecq_qdrop]
+        [--model resnet18|mobilenet_v3]
     python benchmarks/bench_digits_methods.py --settings w4a4 w2a4 \
         --methods brecq brecq_mse brecq_fisher_raw brecq_fisher_normalized   # the Fisher weighting
 """
@@ -15,7 +16,7 @@ import copy
 import json
 import time
 
-from mmbrecq.engine.demo import digits_benchmark_setup, top1_and_kl
+from mmbrecq.engine.demo import DIGITS_MODELS, digits_benchmark_setup, top1_and_kl
 
 METHODS = {
     'nearest': None,
@@ -52,12 +53,15 @@ def main():
     p.add_argument('--iters', type=int, default=1000)
     p.add_argument('--num-samples', type=int, default=512)
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--model', default='resnet18', choices=sorted(DIGITS_MODELS),
+                   help='the demo float model (slim ResNet-18 or MobileNetV3-small-0.5)')
     p.add_argument('--json', help='also write the rows to this file')
     args = p.parse_args()
 
     import mmbrecq  # noqa: F401  (registers the plugin)
-    cfg, float_model, calib, test_batches, fp_logits, fp_top1 = digits_benchmark_setup(args.num_samples, args.seed)
-    print(f'digits test split (360 images), calibration {calib.num_samples} train images, '
+    cfg, float_model, calib, test_batches, fp_logits, fp_top1 = digits_benchmark_setup(
+        args.num_samples, args.seed, model=args.model)
+    print(f'{args.model} on the digits test split (360 images), calibration {calib.num_samples} train images, '
           f'{args.iters} iterations per unit, seed {args.seed}')
     print(f'{"setting":8s} {"method":24s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')
     print(f'{"float":8s} {"-":24s} {fp_top1:7.2f} {0:10.4f} {0:8.1f}')

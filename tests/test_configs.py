@@ -39,6 +39,9 @@ MP_RE = re.compile(r'^(?P<family>.+)_mp_w(?P<w>\d+)size_a(?P<a>\d+)\.py$')
 MP_CONFIGS = {'digits_demo_mp_w3size_a4.py', 'resnet18_mp_w4size_a4.py'}
 MODEL_ZOO = ('resnet18', 'resnet50', 'mobilenet-v2', 'regnetx-400mf', 'regnetx-600mf')
 BITS = ('w4a32', 'w3a32', 'w2a32', 'w4a4', 'w2a4')
+#: families beyond the paper (mmbrecq/blocks/mobile_convnext.py) and their bit settings
+MODERN_ZOO = {'convnext-tiny': ('w4a4', 'w4a32'), 'efficientnet-b0': ('w4a4', 'w4a32'),
+              'mobilenet-v3-large': ('w4a4', 'w4a32', 'w6a6')}
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'  # tools/train_digits.py --out default
 MMPRETRAIN_CONFIGS = Path(__import__('mmpretrain').__file__).parent / '.mim' / 'configs'
 
@@ -70,6 +73,7 @@ def _base_of(name):
 # ---------------------------------------------------------------------------------------
 def test_model_zoo_is_complete():
     expected = {f'{fam}_{bits}.py' for fam in MODEL_ZOO for bits in BITS}
+    expected |= {f'{fam}_{bits}.py' for fam, settings in MODERN_ZOO.items() for bits in settings}
     expected |= {'digits_demo_w4a4.py', 'digits_demo_w2a4.py'}
     expected |= MP_CONFIGS
     assert set(FILES) == expected
@@ -134,11 +138,15 @@ def test_config_accepted_by_ptq_tool(name, tmp_path):
 # float checkpoints
 # ---------------------------------------------------------------------------------------
 def _metafile_weights(base):
-    """``{config path: weights URL}`` of the mmpretrain metafile next to the base config."""
+    """``{config path: {weights URLs}}`` of the mmpretrain metafile next to the base config
+    (one config may have several published weights, e.g. ConvNeXt's in-1k and in-21k ones)."""
     rel = base.split('::', 1)[1]
     meta = MMPRETRAIN_CONFIGS / Path(rel).parent / 'metafile.yml'
     models = yaml.safe_load(meta.read_text())['Models']
-    return {m.get('Config'): m.get('Weights') for m in models}
+    out = {}
+    for m in models:
+        out.setdefault(m.get('Config'), set()).add(m.get('Weights'))
+    return out
 
 
 @pytest.mark.parametrize('name', _params())
@@ -156,7 +164,7 @@ def test_float_checkpoint(name):
         base = _base_of(name)
         assert base, f'{name} does not inherit an mmpretrain config'
         weights = _metafile_weights(base)
-        assert weights.get('configs/' + base.split('::', 1)[1]) == ckpt
+        assert ckpt in weights.get('configs/' + base.split('::', 1)[1], set())
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,7 +194,8 @@ def test_model_builds_and_swaps(name):
     _, w, a = _family(name)
     float_model = _float_model(name, cfg)
     float_layers = [n for n, m in float_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    assert float_layers and float_layers[-1] == 'head.fc'
+    # the classifier: head.fc, or the last of a stacked head (MobileNetV3)
+    assert float_layers and float_layers[-1] in ('head.fc', 'head.layers.1.fc')
 
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(cfg.quant_cfg, **FAST))
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
@@ -206,7 +215,8 @@ def test_model_builds_and_swaps(name):
 
     # reconstruction units: blocks plus single layers, together covering every layer once
     units = find_units(model)
-    assert len(units) >= 3 and units[-1].name == 'head.fc'
+    assert len(units) >= 3 and units[-1].name == last
+    assert any(u.is_block for u in units)  # every zoo family has a block rule
     covered = [f'{u.name}.{rel}' if rel else u.name for u in units for rel in unit_layers(u)]
     assert sorted(covered) == sorted(float_layers)
 

@@ -11,6 +11,10 @@ from mmbrecq.datasets import DIGITS_CLASSES, DigitsDataset, load_digits_split
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 CONFIG = osp.join(ROOT, 'configs', '_base_', 'digits_resnet_float.py')
 CHECKPOINT = osp.join(ROOT, 'checkpoints', 'digits_resnet18_float.pth')
+#: the demo's float models: (config, checkpoint, tools/train_digits.py --model)
+FLOAT_MODELS = [(CONFIG, CHECKPOINT, 'resnet18'),
+                (osp.join(ROOT, 'configs', '_base_', 'digits_mobilenet_v3_float.py'),
+                 osp.join(ROOT, 'checkpoints', 'digits_mobilenet_v3_float.pth'), 'mobilenet_v3')]
 
 
 @pytest.fixture(scope='module')
@@ -108,22 +112,23 @@ def test_runner_builds_the_config_dataloader():
     assert len(batch['inputs']) == 64 and batch['inputs'][0].shape == (3, 32, 32)
 
 
-def test_float_checkpoint_accuracy(splits):
-    """checkpoints/digits_resnet18_float.pth loads into the config's model, >= 95 % top-1."""
+@pytest.mark.parametrize('config,checkpoint,name', FLOAT_MODELS, ids=[m[2] for m in FLOAT_MODELS])
+def test_float_checkpoint_accuracy(splits, config, checkpoint, name):
+    """checkpoints/digits_<model>_float.pth loads into the config's model, >= 95 % top-1."""
     from mmengine.config import Config
     from mmengine.runner import load_checkpoint
     from mmpretrain.registry import MODELS
 
-    assert osp.isfile(CHECKPOINT), f'{CHECKPOINT} is missing: run tools/train_digits.py'
-    assert osp.getsize(CHECKPOINT) <= 5 * 2**20
+    assert osp.isfile(checkpoint), f'{checkpoint} is missing: run tools/train_digits.py --model {name}'
+    assert osp.getsize(checkpoint) <= 5 * 2**20
     # stripped: tensors and plain Python values only, so even weights_only=True reads it
-    raw = torch.load(CHECKPOINT, map_location='cpu', weights_only=True)
+    raw = torch.load(checkpoint, map_location='cpu', weights_only=True)
     assert set(raw) == {'meta', 'state_dict'}
     assert raw['meta']['dataset_meta']['classes'] == list(DIGITS_CLASSES)
 
-    cfg = Config.fromfile(CONFIG)
+    cfg = Config.fromfile(config)
     model = MODELS.build(cfg.model)
-    ckpt = load_checkpoint(model, CHECKPOINT, map_location='cpu', strict=True, logger='silent')
+    ckpt = load_checkpoint(model, checkpoint, map_location='cpu', strict=True, logger='silent')
     assert 'meta' in ckpt
     model.eval()
 

@@ -150,7 +150,12 @@ FAMILIES = [
     pytest.param('resnet50_w2a4.py', 2, 4, 18, id='resnet50-w2a4'),
     pytest.param('mobilenet-v2_w4a4.py', 4, 4, None, id='mobilenet-v2-w4a4'),
     pytest.param('regnetx-400mf_w4a32.py', 4, None, None, id='regnetx-400mf-w4a32'),
+    # SE blocks, hard-swish, TF-"same" padding (mmbrecq/blocks/mobile_convnext.py)
+    pytest.param('efficientnet-b0_w4a4.py', 4, 4, 19, id='efficientnet-b0-w4a4'),
 ]
+#: unit kinds and counts that summary.json must list
+UNIT_KINDS = {'resnet18_w4a4.py': {'Conv2d': 1, 'BasicBlock': 8, 'Linear': 1},
+              'efficientnet-b0_w4a4.py': {'Conv2dAdaptivePadding': 2, 'InvertedResidualSE': 16, 'Linear': 1}}
 
 
 @pytest.mark.parametrize('base_name,w_bits,a_bits,n_units', FAMILIES)
@@ -177,6 +182,9 @@ def test_ptq_end_to_end(base_name, w_bits, a_bits, n_units, data_root, tmp_path,
 
     units = summary['units']
     names = _unit_names(units)
+    assert sum(summary['unit_kinds'].values()) == len(names)
+    if base_name in UNIT_KINDS:
+        assert summary['unit_kinds'] == UNIT_KINDS[base_name]
     assert len(names) == len(set(names)) and names[0].startswith('backbone.'), names
     assert names[-1] == 'head.fc'
     if n_units is not None:

@@ -1,6 +1,7 @@
-"""Train the demo's float model (slim ResNet-18 on scikit-learn's digits) with mmengine.
+"""Train a float model of the demo (slim ResNet-18 or MobileNetV3 on scikit-learn's digits) with mmengine.
 
-    python tools/train_digits.py                       # ~2 min on 2 CPU cores
+    python tools/train_digits.py                        # ResNet-18, ~2 min on 2 CPU cores
+    python tools/train_digits.py --model mobilenet_v3   # checkpoints/digits_mobilenet_v3_float.pth
     python tools/train_digits.py --epochs 5 --out /tmp/quick.pth
 
 Writes a stripped checkpoint (``state_dict`` + ``meta``, no optimizer / message hub) that
@@ -18,20 +19,31 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmbrecq  # noqa: E402,F401  (torch>=2.6 checkpoint-loading fix, registries)
 
-DEFAULT_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_',
-                          'digits_resnet_float.py')
+CONFIG_DIR = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_')
+#: --model: (config under configs/_base_, default work dir, default checkpoint)
+MODELS = dict(
+    resnet18=('digits_resnet_float.py', 'work_dirs/digits_resnet_float', 'checkpoints/digits_resnet18_float.pth'),
+    mobilenet_v3=('digits_mobilenet_v3_float.py', 'work_dirs/digits_mobilenet_v3_float',
+                  'checkpoints/digits_mobilenet_v3_float.pth'),
+)
+DEFAULT_CONFIG = osp.join(CONFIG_DIR, MODELS['resnet18'][0])
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--config', default=DEFAULT_CONFIG, help='mmpretrain config of the float model')
-    p.add_argument('--work-dir', default='work_dirs/digits_resnet_float',
-                   help='mmengine work dir (logs, full last checkpoint)')
+    p.add_argument('--model', choices=sorted(MODELS), default='resnet18',
+                   help='which demo model (picks the default --config, --work-dir and --out)')
+    p.add_argument('--config', default=None, help='mmpretrain config of the float model (default: the model\'s)')
+    p.add_argument('--work-dir', default=None, help='mmengine work dir (logs, full last checkpoint)')
     p.add_argument('--epochs', type=int, default=None, help='override max_epochs of the config')
-    p.add_argument('--out', default='checkpoints/digits_resnet18_float.pth',
-                   help='where the stripped checkpoint goes')
+    p.add_argument('--out', default=None, help='where the stripped checkpoint goes (default: the model\'s)')
     p.add_argument('--seed', type=int, default=None, help='override randomness.seed')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cfg_name, work_dir, out = MODELS[args.model]
+    args.config = args.config or osp.join(CONFIG_DIR, cfg_name)
+    args.work_dir = args.work_dir or work_dir
+    args.out = args.out or out
+    return args
 
 
 def set_epochs(cfg, epochs):

@@ -6,9 +6,17 @@ from .classification import (
                              MMPretrainResNetStemRule,
 )
 from .detection import MMDetBasicBlockRule, MMDetBottleneckRule, MMDetResNetStemRule
+from .mobile_convnext import (
+                             ConvNeXtBlockRule,
+                             EdgeResidualRule,
+                             EdgeResidualSERule,
+                             MBInvertedResidualRule,
+                             MBInvertedResidualSERule,
+)
 
 __all__ = [
     'BlockRule', 'ResidualBlockRule', 'ResNetStemRule', 'MMPretrainBasicBlockRule', 'MMPretrainBottleneckRule',
     'MMPretrainResNetStemRule', 'InvertedResidualRule', 'MMDetBasicBlockRule', 'MMDetBottleneckRule',
-    'MMDetResNetStemRule'
+    'MMDetResNetStemRule', 'ConvNeXtBlockRule', 'MBInvertedResidualRule', 'MBInvertedResidualSERule',
+    'EdgeResidualRule', 'EdgeResidualSERule'
 ]

@@ -19,6 +19,11 @@ from .calibration import tensor_forward
 
 DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
+#: the demo's float models (config, checkpoint), relative to the repository root
+DIGITS_MODELS = dict(
+    resnet18=(DIGITS_CONFIG, DIGITS_CHECKPOINT),
+    mobilenet_v3=('configs/_base_/digits_mobilenet_v3_float.py', 'checkpoints/digits_mobilenet_v3_float.pth'),
+)
 
 
 def _config_scope(cfg):
@@ -71,11 +76,14 @@ def top1_and_kl(model, batches, ref_logits):
     return 100.0 * correct / total, kl / total
 
 
-def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120):
+def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120, model='resnet18'):
     """What the digits benchmarks start from: ``(cfg, float model, calibration set, test
-    batches, float test logits, float top-1)``; calibration from the augmented train split."""
+    batches, float test logits, float top-1)``; calibration from the augmented train split.
+    ``model``: a key of :data:`DIGITS_MODELS`."""
+    if model not in DIGITS_MODELS:
+        raise ValueError(f'unknown digits demo model {model!r}; choose from {sorted(DIGITS_MODELS)}')
     torch.manual_seed(seed)
-    cfg, float_model = load_float_model()
+    cfg, float_model = load_float_model(*DIGITS_MODELS[model])
     calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', num_samples, calib_batch, seed),
                            tensor_forward)
     test_batches = preprocessed_batches(cfg, float_model, 'test', None, test_batch)

@@ -71,10 +71,10 @@ QUANT_LAYER_TYPES = {nn.Conv2d: QuantConv2d, nn.Linear: QuantLinear}
 
 
 def quant_twin(module: nn.Module):
-    """The quantized class for a float layer, or ``None`` if it is not quantizable."""
+    """The quantized class for a float layer, or ``None`` if it is not quantizable.
+
+    The most specific registered class wins (a ``Conv2d`` subclass with its own forward,
+    e.g. mmcv's ``Conv2dAdaptivePadding``, has its own twin)."""
     if isinstance(module, QuantLayerMixin):
         return None
-    for float_type, quant_type in QUANT_LAYER_TYPES.items():
-        if isinstance(module, float_type):
-            return quant_type
-    return None
+    return next((QUANT_LAYER_TYPES[t] for t in type(module).__mro__ if t in QUANT_LAYER_TYPES), None)

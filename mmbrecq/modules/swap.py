@@ -10,11 +10,10 @@ from torch import nn
 from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
 
 from .bn_fold import fold_bn
+from .coverage import warn_uncovered_blocks
+from .marks import TAIL_ATTR, UNIT_ATTR
 from .quant_config import QuantConfig
 from .quant_layers import quant_twin
-
-UNIT_ATTR = '_mmbrecq_unit_kind'
-TAIL_ATTR = '_mmbrecq_unit_tail'
 
 
 def _quantize_block_input(block, args):
@@ -136,4 +135,5 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     if qcfg['fold_bn']:
         fold_bn(model)
     _Swapper(model, qcfg, rules, factory, kept[0], kept[-1]).visit('', model)
+    warn_uncovered_blocks(model)  # no silent fallback to layer-wise units
     return model
