@@ -10,17 +10,24 @@ attribute access (``block.norm1``) keeps working.
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 
 @torch.no_grad()
 def fold_conv_bn(conv: nn.Conv2d, bn: _BatchNorm):
-    """Fold ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none), with
-    torch's own arithmetic (``torch.nn.utils.fusion``)."""
-    weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
-                                        bn.weight if bn.affine else None, bn.bias if bn.affine else None)
-    conv.weight.copy_(weight)
-    conv.bias = nn.Parameter(bias.detach().to(conv.weight.dtype))
+    """Fold ``bn`` into ``conv`` in place (``conv`` gains a bias if it had none).
+
+    ``w * gamma / sqrt(var + eps)``, as BRECQ's reference code folds. (torch's
+    ``torch.nn.utils.fusion.fuse_conv_bn_weights`` multiplies by ``rsqrt(var + eps)``
+    instead, which differs in the last bit of most folded weights and so moves every
+    measured result of the digits demos.)
+    """
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = gamma / std
+    conv.weight.mul_(factor.view(-1, *([1] * (conv.weight.dim() - 1))))
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.bias = nn.Parameter(((bias - bn.running_mean) * factor + beta).to(conv.weight.dtype))
 
 
 def conv_before_norm(parent: nn.Module) -> bool:
