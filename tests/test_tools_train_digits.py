@@ -6,7 +6,8 @@ from mmengine.config import Config
 from _tools import load_tool
 
 
-@pytest.mark.parametrize('tool,argv', [('train_digits', []), ('train_digits_det', ['--model', 'retinanet']),
+@pytest.mark.parametrize('tool,argv', [('train_digits', []), ('train_digits', ['--model', 'vit']),
+                                       ('train_digits_det', ['--model', 'retinanet']),
                                        ('train_digits_det', ['--model', 'faster_rcnn'])])
 def test_command_line_reaches_the_config(tool, argv, tmp_path):
     mod = load_tool(tool)

@@ -1,6 +1,7 @@
-"""Train the demo's float model (slim ResNet-18 on scikit-learn's digits) with mmengine.
+"""Train a demo float classifier (slim ResNet-18 or small ViT on scikit-learn's digits) with mmengine.
 
     python tools/train_digits.py                       # ~2 min on 2 CPU cores
+    python tools/train_digits.py --model vit           # checkpoints/digits_vit_float.pth
     python tools/train_digits.py --epochs 5 --out /tmp/quick.pth
 
 Writes a stripped checkpoint (``state_dict`` + ``meta``, no optimizer / message hub) that
@@ -18,20 +19,33 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 import mmbrecq  # noqa: E402,F401  (torch>=2.6 checkpoint-loading fix, registries)
 
-DEFAULT_CONFIG = osp.join(osp.dirname(osp.dirname(osp.abspath(__file__))), 'configs', '_base_',
-                          'digits_resnet_float.py')
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+#: --model -> (config under configs/_base_, default checkpoint)
+MODELS = dict(
+    resnet=('digits_resnet_float.py', 'checkpoints/digits_resnet18_float.pth'),
+    vit=('digits_vit_float.py', 'checkpoints/digits_vit_float.pth'),
+)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--config', default=DEFAULT_CONFIG, help='mmpretrain config of the float model')
-    p.add_argument('--work-dir', default='work_dirs/digits_resnet_float',
-                   help='mmengine work dir (logs, full last checkpoint)')
+    p.add_argument('--model', choices=sorted(MODELS), default='resnet',
+                   help='which demo classifier (picks the default --config, --work-dir and --out)')
+    p.add_argument('--config', default=None,
+                   help='mmpretrain config of the float model (default: configs/_base_/digits_<model>_float.py)')
+    p.add_argument('--work-dir', default=None,
+                   help='mmengine work dir (logs, full last checkpoint; default: work_dirs/digits_<model>_float)')
     p.add_argument('--epochs', type=int, default=None, help='override max_epochs of the config')
-    p.add_argument('--out', default='checkpoints/digits_resnet18_float.pth',
-                   help='where the stripped checkpoint goes')
+    p.add_argument('--out', default=None,
+                   help='where the stripped checkpoint goes (default: checkpoints/digits_resnet18_float.pth, '
+                        'checkpoints/digits_vit_float.pth)')
     p.add_argument('--seed', type=int, default=None, help='override randomness.seed')
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    cfg_name, out = MODELS[args.model]
+    args.config = args.config or osp.join(ROOT, 'configs', '_base_', cfg_name)
+    args.out = args.out or out
+    args.work_dir = args.work_dir or f'work_dirs/digits_{args.model}_float'
+    return args
 
 
 def set_epochs(cfg, epochs):

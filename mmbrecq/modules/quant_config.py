@@ -16,11 +16,23 @@ DEFAULTS = dict(
     weight_quantizer=dict(type='AdaRoundQuantizer', init='lp', p=2.4, num_candidates=100),
     act_quantizer=dict(type='LSQQuantizer', init='lp', p=2.4, num_candidates=100),
     block_rules=None,
+    # transformers (ViT/DeiT TransformerEncoderLayer, SwinBlock; mmbrecq/blocks/transformer.py):
+    # the reconstruction unit, and an activation quantizer per tensor kind (None: act_quantizer)
+    transformer=dict(
+        unit='layer',          # 'layer': a whole encoder layer | 'halves': attention and MLP apart
+        matmul=None,           # Q, K (of Q.K^T) and V (of softmax.V)
+        softmax=dict(type='Log2Quantizer'),  # the softmax output (of softmax.V)
+        post_ln=None,          # inputs of qkv and of the MLP's first Linear
+        post_gelu=None,        # input of the MLP's second Linear
+    ),
     calib=dict(),
     recon=dict(),
     mixed_precision=None,
 )
 FLOAT_ACT_BITS = (None, 32)
+#: tensor kinds that ``quant_cfg.transformer`` can give their own activation quantizer
+TENSOR_KINDS = ('matmul', 'softmax', 'post_ln', 'post_gelu')
+TRANSFORMER_UNITS = ('layer', 'halves')
 
 
 def _check_act_bits(bits, key):
@@ -67,6 +79,30 @@ class QuantConfig:
         for key in ('weight_quantizer', 'act_quantizer'):
             if not isinstance(merged[key], dict) or 'type' not in merged[key]:
                 raise ValueError(f'quant_cfg.{key} must be a dict with a "type" key')
+        self._check_transformer(cfg.get('transformer', {}))
+
+    def _check_transformer(self, user):
+        """``quant_cfg.transformer``: merged key by key over its defaults."""
+        if not isinstance(user, dict):
+            raise ValueError(f'quant_cfg.transformer must be a dict, got {user!r}')
+        allowed = ('unit', ) + TENSOR_KINDS
+        unknown = sorted(set(user) - set(allowed))
+        if unknown:
+            raise ValueError(f'unknown key(s) in quant_cfg.transformer: {unknown}; valid keys: {list(allowed)}')
+        merged = copy.deepcopy(DEFAULTS['transformer'])
+        merged.update(copy.deepcopy(user))
+        if merged['unit'] not in TRANSFORMER_UNITS:
+            raise ValueError(f'quant_cfg.transformer.unit={merged["unit"]!r}: expected one of {TRANSFORMER_UNITS}')
+        for kind in TENSOR_KINDS:
+            c = merged[kind]
+            if c is not None and (not isinstance(c, dict) or 'type' not in c):
+                raise ValueError(f'quant_cfg.transformer.{kind} must be None or a dict with a "type" key, got {c!r}')
+        self.cfg['transformer'] = merged
+
+    def kind_quantizers(self):
+        """``{tensor kind: quantizer cfg}`` for the kinds with their own quantizer type."""
+        t = self.cfg['transformer']
+        return {k: dict(t[k]) for k in TENSOR_KINDS if t[k] is not None}
 
     def __getitem__(self, key):
         return self.cfg[key]

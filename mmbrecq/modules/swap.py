@@ -15,6 +15,7 @@ from mmbrecq.registry import BLOCK_RULES, QUANTIZERS, build_from
 from .bn_fold import fold_bn
 from .quant_config import QuantConfig
 from .quant_layers import QuantLayerMixin, quant_twin
+from .reparam import fold_post_ln_scales
 from mmbrecq.utils.dist import shard_range_init
 
 UNIT_ATTR = '_mmbrecq_unit_kind'
@@ -58,7 +59,7 @@ def _quantize_block_input(block, args):
     return (block.input_quantizer(args[0]), ) + tuple(args[1:])
 
 
-def _build_rules(names):
+def _build_rules(names, qcfg):
     if names is None:
         names = list(BLOCK_RULES.module_dict)
     rules = []
@@ -66,7 +67,9 @@ def _build_rules(names):
         if n not in BLOCK_RULES.module_dict and BLOCK_RULES.get(n) is None:
             raise ValueError(f'quant_cfg.block_rules: unknown rule {n!r}; registered rules: '
                              f'{sorted(BLOCK_RULES.module_dict)}')
-        rules.append(build_from(BLOCK_RULES, dict(type=n)))
+        rule = build_from(BLOCK_RULES, dict(type=n))
+        rule.qcfg = qcfg  # rules with options (quant_cfg.transformer) read them here
+        rules.append(rule)
     return rules
 
 
@@ -76,7 +79,11 @@ class _QuantizerFactory:
     def __init__(self, qcfg: QuantConfig):
         self.w_cfg = dict(qcfg['weight_quantizer'])
         self.a_cfg = dict(qcfg['act_quantizer'])
-        for key, c in (('weight_quantizer', self.w_cfg), ('act_quantizer', self.a_cfg)):
+        # activation quantizers per tensor kind (None: act_quantizer); see quant_config.TENSOR_KINDS
+        self.kind_cfgs = {k: dict(c) for k, c in qcfg.kind_quantizers().items()}
+        named = [('weight_quantizer', self.w_cfg), ('act_quantizer', self.a_cfg)]
+        named += [(f'transformer.{k}', c) for k, c in self.kind_cfgs.items()]
+        for key, c in named:
             if QUANTIZERS.get(c['type']) is None:
                 raise ValueError(f'quant_cfg.{key}.type={c["type"]!r} is not a registered quantizer; '
                                  f'registered: {sorted(QUANTIZERS.module_dict)}')
@@ -90,10 +97,11 @@ class _QuantizerFactory:
         q.init_range(layer.weight)
         return q
 
-    def act(self, bits, device):
+    def act(self, bits, device, kind=None):
+        """An activation quantizer at ``bits`` (``None``: float) for a tensor of ``kind``."""
         if bits is None:
             return None
-        q = build_from(QUANTIZERS, dict(self.a_cfg, bits=bits)).to(device)
+        q = build_from(QUANTIZERS, dict(self.kind_cfgs.get(kind, self.a_cfg), bits=bits)).to(device)
         q.role = 'act'
         return q
 
@@ -112,7 +120,7 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     """
     qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
     # every check first: a config error must leave the user's model untouched
-    rules = _build_rules(qcfg['block_rules'])
+    rules = _build_rules(qcfg['block_rules'], qcfg)
     factory = _QuantizerFactory(qcfg)
     layer_names = [n for n, m in model.named_modules() if quant_twin(m) is not None]
     if not layer_names:
@@ -127,10 +135,10 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
         fold_bn(model)
     device = next(model.parameters()).device
 
-    def swap_layer(name, with_input_quantizer):
+    def swap_layer(name, with_input_quantizer, kind=None):
         layer = model.get_submodule(name)
         w_bits, a_bits = qcfg.bits_for(name, first, last)
-        in_q = factory.act(a_bits, device) if with_input_quantizer else None
+        in_q = factory.act(a_bits, device, kind) if with_input_quantizer else None
         qlayer = quant_twin(layer).from_float(layer, factory.weight(layer, w_bits), in_q)
         _set_submodule(model, name, qlayer)
         return qlayer
@@ -150,12 +158,15 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
                 if not inner:
                     continue
                 for rel in inner:
-                    swap_layer(f'{name}.{rel}', rel not in entries)
+                    swap_layer(f'{name}.{rel}', rel not in entries, rule.input_kind(child, rel))
                 # the block input is quantized at the activation bits of its first layer
-                in_q = factory.act(qcfg.bits_for(f'{name}.{every[0]}', first, last)[1], device)
+                a_bits = qcfg.bits_for(f'{name}.{every[0]}', first, last)[1]
+                in_q = factory.act(a_bits, device) if rule.quantize_input else None
                 if in_q is not None:
                     child.add_module('input_quantizer', in_q)
                     child.register_forward_pre_hook(_quantize_block_input)
+                # quantizers on tensors that are no layer's input (attention matmul operands)
+                rule.attach_quantizers(child, lambda kind, bits=a_bits: factory.act(bits, device, kind))
                 setattr(child, UNIT_ATTR, rule.kind)
             elif quant_twin(child) is not None:
                 if not qcfg.is_skipped(name):
@@ -238,4 +249,5 @@ def calibrate_activations(model: nn.Module, batches, forward=None):
     missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]
     if missing:
         raise RuntimeError(f'activation quantizers never reached by the calibration data: {missing[:5]}')
+    fold_post_ln_scales(model)  # post-LayerNorm per-channel scales -> LayerNorm and next Linear
     return model

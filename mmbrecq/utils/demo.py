@@ -11,6 +11,11 @@ import torch.nn.functional as F
 
 DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
+#: the demo classifiers: name -> (float config, checkpoint), relative to the repository root
+DIGITS_MODELS = dict(
+    resnet=(DIGITS_CONFIG, DIGITS_CHECKPOINT),
+    vit=('configs/_base_/digits_vit_float.py', 'checkpoints/digits_vit_float.pth'),
+)
 
 
 def _config_scope(cfg):
@@ -72,12 +77,15 @@ def top1_and_kl(model, batches, ref_logits):
     return 100.0 * correct / total, kl / total
 
 
-def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120):
+def digits_benchmark_setup(num_samples=512, seed=0, calib_batch=64, test_batch=120, model='resnet'):
     """What the digits benchmarks start from: ``(cfg, float model, calibration set, test
-    batches, float test logits, float top-1)``; calibration from the augmented train split."""
+    batches, float test logits, float top-1)``; calibration from the augmented train split.
+    ``model``: a key of :data:`DIGITS_MODELS`."""
     from mmbrecq.reconstruction import CalibrationSet
+    if model not in DIGITS_MODELS:
+        raise ValueError(f'model={model!r}: the digits demo models are {sorted(DIGITS_MODELS)}')
     torch.manual_seed(seed)
-    cfg, float_model = load_float_model()
+    cfg, float_model = load_float_model(*DIGITS_MODELS[model])
     calib = CalibrationSet(preprocessed_batches(cfg, float_model, 'train', num_samples, calib_batch, seed),
                            tensor_forward)
     test_batches = preprocessed_batches(cfg, float_model, 'test', None, test_batch)
