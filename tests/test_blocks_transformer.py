@@ -19,11 +19,13 @@ torch.set_num_threads(1)  # 2-core CI
 #: config, model overrides (a CPU-sized version of the same architecture), input size, attention modules
 CASES = {
     'deit': ('deit/deit-tiny_4xb256_in1k.py',
-             dict(backbone=dict(arch=dict(_delete_=True, embed_dims=48, num_layers=2, num_heads=3, feedforward_channels=192),
+             dict(backbone=dict(arch=dict(_delete_=True, embed_dims=48, num_layers=2, num_heads=3,
+                                          feedforward_channels=192),
                                 img_size=32, patch_size=8),
                   head=dict(in_channels=48, num_classes=10)), 32, 2),
     'vit': ('vision_transformer/vit-base-p16_64xb64_in1k.py',
-            dict(backbone=dict(arch=dict(_delete_=True, embed_dims=48, num_layers=2, num_heads=4, feedforward_channels=96),
+            dict(backbone=dict(arch=dict(_delete_=True, embed_dims=48, num_layers=2, num_heads=4,
+                                         feedforward_channels=96),
                                img_size=32, patch_size=8, drop_rate=0.0),
                  head=dict(in_channels=48, hidden_dim=32, num_classes=10)), 32, 2),
     'swin': ('swin_transformer/swin-tiny_16xb64_in1k.py',
@@ -195,3 +197,28 @@ def test_export_tool_onnx_matches_onnxruntime(case, tmp_path):
     assert got.shape == ref.shape
     # one code of a rounding tie may flip between runtimes; the logits agree to a fraction of a percent
     assert (got - ref).abs().max() <= 1e-2 * ref.abs().max(), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize('case', ['deit', 'swin'])
+def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
+    """``transformer.post_ln=ChannelReparamQuantizer``: per-channel post-LayerNorm scales folded
+    into the LayerNorm and the next Linear when calibration ends; the float function unchanged,
+    every activation quantizer per-tensor (ONNX QDQ exports)."""
+    from mmbrecq.export import export_onnx, onnxruntime_session
+    from mmbrecq.quantizers import ChannelReparamQuantizer
+    qcfg = dict(QCFG, transformer=dict(post_ln=dict(type='ChannelReparamQuantizer', init='minmax')))
+    float_model, model = _quantized(case, qcfg)
+    reparam = [m for m in model.modules() if isinstance(m, ChannelReparamQuantizer)]
+    n = CASES[case][3]
+    assert len(reparam) == (n if case == 'swin' else 2 * n)  # Swin: norm2 -> fc1 only (window padding)
+    assert all(q.folded and q.scale.shape == () for q in reparam)
+    x = _images(case, 3, seed=4)
+    ref = _tensor(float_model, x)
+    set_quant_state(model, False, False)
+    torch.testing.assert_close(_tensor(model, x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+    set_quant_state(model, True, True)
+    path = str(tmp_path / 'reparam.onnx')
+    export_onnx(model, x, path)
+    sess = onnxruntime_session(path, threads=1)
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert (got - _tensor(model, x)).abs().max() <= 1e-2 * ref.abs().max()
