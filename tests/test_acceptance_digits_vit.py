@@ -44,6 +44,7 @@ def quantized(model, calib, w, a, recon=None):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # three PTQ runs; several times longer on a loaded 2-core machine
 @pytest.mark.parametrize('w,a', [(4, 4), (6, 6)])
 def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
     model, calib, test, ref, fp_top1 = setup
@@ -58,6 +59,7 @@ def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_w8a8_brecq_within_half_a_point_of_float(setup):
     model, calib, test, ref, fp_top1 = setup
     top1, kl = top1_and_kl(quantized(model, calib, 8, 8, dict()), test, ref)

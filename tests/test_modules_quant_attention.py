@@ -147,3 +147,11 @@ def test_wrong_number_of_quantizers_is_an_error():
     twin = QuantMultiheadAttention.from_float(_mha())
     with pytest.raises(ValueError, match='needs 4 quantizers'):
         twin.attach_matmul_quantizers(_quantizers()[:3])
+
+
+def test_twin_moves_like_a_module():
+    """``.to()`` / ``.double()`` reach the quantizers (nn.Module._apply is not shadowed)."""
+    twin = QuantMultiheadAttention.from_float(_mha())
+    twin.attach_matmul_quantizers(_quantizers())
+    twin.double()
+    assert twin.qkv.weight.dtype == twin.q_quantizer.scale.dtype == torch.float64

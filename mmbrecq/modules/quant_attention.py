@@ -77,16 +77,16 @@ class QuantMatmulMixin:
         return any(q.enabled for q in self.matmul_quantizers())
 
     @staticmethod
-    def _apply(q, x):
+    def _operand(q, x):
         return x if q is None else q(x)
 
     def quantized_scores(self, q, k):
         """``Q.K^T`` on quantized operands (``q`` already scaled if the float module scales it)."""
-        return self._apply(self.q_quantizer, q) @ self._apply(self.k_quantizer, k).transpose(-2, -1)
+        return self._operand(self.q_quantizer, q) @ self._operand(self.k_quantizer, k).transpose(-2, -1)
 
     def quantized_context(self, attn, v):
         """``softmax.V`` on quantized operands."""
-        return self._apply(self.attn_quantizer, attn) @ self._apply(self.v_quantizer, v)
+        return self._operand(self.attn_quantizer, attn) @ self._operand(self.v_quantizer, v)
 
 
 class QuantMultiheadAttention(QuantMatmulMixin, nn.Module):
