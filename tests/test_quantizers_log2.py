@@ -84,3 +84,17 @@ def test_state_dict_round_trip_and_bad_base():
     with pytest.raises(ValueError, match='base'):
         Log2Quantizer(bits=4, base='e')
     assert math.isclose(Log2Quantizer(bits=4, init='lp', p=2.4).codes_per_octave, 2.0)  # act_quantizer keys ok
+
+
+def test_fused_forward_equals_the_plain_ops():
+    q = Log2Quantizer(bits=4)
+    x = _softmax(seed=7)
+    q.init_range(x)
+    with torch.no_grad():
+        plain = q._values(x, q.scale)
+    assert torch.equal(q(x), plain)
+    x = x.clone().requires_grad_(True)
+    out = q(x)
+    assert torch.equal(out.detach(), plain)
+    (out * 3).sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))

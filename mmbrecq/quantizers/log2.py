@@ -21,6 +21,30 @@ from .uniform import UniformQuantizer
 _CODES_PER_OCTAVE = {'sqrt2': 2.0, '2': 1.0}
 
 
+class _LogQuantSTE(torch.autograd.Function):
+    """The log grid's values computed in place in one buffer, gradient straight through.
+
+    Same operations in the same order as :meth:`Log2Quantizer._values` (so the same values,
+    which the tests check), but no autograd graph over a dozen full-size temporaries: on the
+    softmax output of an attention layer (batch x heads x tokens^2 elements) that graph was
+    most of the quantizer's cost in a reconstruction step.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, codes_per_octave, qmax):
+        with torch.no_grad():
+            t = (x / delta).clamp_min_(torch.finfo(x.dtype).tiny).log2_().mul_(-codes_per_octave)
+            t.round_().clamp_min_(0)
+            zero = (t >= qmax).logical_or_(x <= 0)
+            t.div_(codes_per_octave).neg_()
+            torch.pow(2.0, t, out=t)
+            return t.mul_(delta).masked_fill_(zero, 0.0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None, None, None
+
+
 @MODELS.register_module()
 @QUANTIZERS.register_module()
 class Log2Quantizer(UniformQuantizer):
@@ -74,8 +98,10 @@ class Log2Quantizer(UniformQuantizer):
         self.initialized = True
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        xq = self._values(x, self.scale.to(x.dtype))
-        return x + (xq - x).detach()  # straight-through
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():  # exported / compiled: plain ops
+            xq = self._values(x, self.scale.to(x.dtype))
+            return x + (xq - x).detach()  # straight-through
+        return _LogQuantSTE.apply(x, self.scale.to(x.dtype), self.codes_per_octave, self.qmax)
 
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:
         codes = self._codes(x, self.scale).clamp_max(self.qmax)
