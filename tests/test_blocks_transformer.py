@@ -33,8 +33,10 @@ CASES = {
                                 window_size=4, out_indices=(1, ), drop_path_rate=0.0),
                   head=dict(in_channels=32, num_classes=10)), 64, 4),
 }
+#: whole layers as units, post-LayerNorm inputs per-tensor LSQ (no reparameterisation: weights unchanged,
+#: so quantization off is the float model bit for bit); the defaults are tested separately below
 QCFG = dict(w_bits=4, a_bits=8, weight_quantizer=dict(type='AdaRoundQuantizer', init='minmax'),
-            act_quantizer=dict(type='LSQQuantizer', init='minmax'))
+            act_quantizer=dict(type='LSQQuantizer', init='minmax'), transformer=dict(unit='layer', post_ln=None))
 EXPORT = load_tool('export')
 
 
@@ -129,7 +131,7 @@ def test_units_matmuls_modes_and_float_off(case):
 
 @pytest.mark.parametrize('case', ['deit', 'swin'])
 def test_halves_units(case):
-    qcfg = dict(QCFG, transformer=dict(unit='halves'))
+    qcfg = dict(QCFG, transformer=dict(unit='halves', post_ln=None))
     float_model, model = _quantized(case, qcfg)
     kinds = [u.kind for u in find_units(model) if u.is_block]
     n = CASES[case][3]
@@ -206,7 +208,7 @@ def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     every activation quantizer per-tensor (ONNX QDQ exports)."""
     from mmbrecq.export import export_onnx, onnxruntime_session
     from mmbrecq.quantizers import ChannelReparamQuantizer
-    qcfg = dict(QCFG, transformer=dict(post_ln=dict(type='ChannelReparamQuantizer', init='minmax')))
+    qcfg = dict(QCFG, transformer=dict(unit='layer', post_ln=dict(type='ChannelReparamQuantizer', init='minmax')))
     float_model, model = _quantized(case, qcfg)
     reparam = [m for m in model.modules() if isinstance(m, ChannelReparamQuantizer)]
     n = CASES[case][3]
@@ -222,3 +224,23 @@ def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     sess = onnxruntime_session(path, threads=1)
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     assert (got - _tensor(model, x)).abs().max() <= 1e-2 * ref.abs().max()
+
+
+@pytest.mark.parametrize('case', ['vit', 'swin'])
+def test_default_transformer_settings(case):
+    """No ``quant_cfg.transformer``: the measured defaults (attention and MLP halves, log2
+    softmax, post-LayerNorm reparameterisation); quantization off is then the float function
+    up to float rounding (the LayerNorm and Linear weights absorbed the scales)."""
+    from mmbrecq.quantizers import ChannelReparamQuantizer
+    qcfg = {k: v for k, v in QCFG.items() if k != 'transformer'}
+    float_model, model = _quantized(case, qcfg)
+    n = CASES[case][3]
+    assert [u.kind for u in find_units(model) if u.is_block] == ['Attention', 'MLP'] * n
+    softmax = [q for q in _matmul_quantizers(model).values() if isinstance(q, Log2Quantizer)]
+    assert len(softmax) == n and all(q.base == '2' for q in softmax)
+    assert all(q.folded for q in model.modules() if isinstance(q, ChannelReparamQuantizer))
+    assert sum(isinstance(q, ChannelReparamQuantizer) for q in model.modules()) == (n if case == 'swin' else 2 * n)
+    x = _images(case, 3, seed=4)
+    ref = _tensor(float_model, x)
+    set_quant_state(model, False, False)
+    torch.testing.assert_close(_tensor(model, x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)

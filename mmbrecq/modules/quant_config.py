@@ -18,11 +18,12 @@ DEFAULTS = dict(
     block_rules=None,
     # transformers (ViT/DeiT TransformerEncoderLayer, SwinBlock; mmbrecq/blocks/transformer.py):
     # the reconstruction unit, and an activation quantizer per tensor kind (None: act_quantizer)
+    # (defaults measured on the digits ViT: README, "Transformer choices")
     transformer=dict(
-        unit='layer',          # 'layer': a whole encoder layer | 'halves': attention and MLP apart
+        unit='halves',         # 'halves': attention and MLP apart | 'layer': a whole encoder layer
         matmul=None,           # Q, K (of Q.K^T) and V (of softmax.V)
-        softmax=dict(type='Log2Quantizer'),  # the softmax output (of softmax.V)
-        post_ln=None,          # inputs of qkv and of the MLP's first Linear
+        softmax=dict(type='Log2Quantizer', base='2'),  # the softmax output (of softmax.V)
+        post_ln=dict(type='ChannelReparamQuantizer'),  # inputs of qkv and of the MLP's first Linear
         post_gelu=None,        # input of the MLP's second Linear
     ),
     calib=dict(),
