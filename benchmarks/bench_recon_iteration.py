@@ -63,6 +63,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnet18', choices=sorted(MODELS))
     p.add_argument('--blocks', nargs='+', default=None, help='unit names (default: per model)')
+    p.add_argument('--unit', default='layer', choices=['layer', 'halves'],
+                   help="transformers: quant_cfg.transformer.unit (halves: e.g. --blocks backbone.layers.0.attn "
+                        "backbone.layers.0.ffn.layers)")
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
@@ -87,7 +90,8 @@ def main():
     torch.manual_seed(0)
     float_model = build_model(args.model)
     fold_bn(float_model)
-    qmodel = mmbrecq.quantize_model(copy.deepcopy(build_model(args.model)), dict(w_bits=4, a_bits=4))
+    qcfg = dict(w_bits=4, a_bits=4, transformer=dict(unit=args.unit))
+    qmodel = mmbrecq.quantize_model(copy.deepcopy(build_model(args.model)), qcfg)
     qmodel.to(device)
     float_model.to(device)
     set_quant_state(qmodel, True, True)

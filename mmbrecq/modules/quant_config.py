@@ -22,8 +22,8 @@ DEFAULTS = dict(
     transformer=dict(
         unit='halves',         # 'halves': attention and MLP apart | 'layer': a whole encoder layer
         matmul=None,           # Q, K (of Q.K^T) and V (of softmax.V)
-        softmax=dict(type='Log2Quantizer', base='2'),  # the softmax output (of softmax.V)
-        post_ln=dict(type='ChannelReparamQuantizer'),  # inputs of qkv and of the MLP's first Linear
+        softmax=dict(type='Log2Quantizer'),  # the softmax output (of softmax.V); base sqrt(2)
+        post_ln=None,          # inputs of qkv and of the MLP's first Linear (or ChannelReparamQuantizer)
         post_gelu=None,        # input of the MLP's second Linear
     ),
     calib=dict(),
