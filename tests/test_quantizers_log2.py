@@ -98,3 +98,12 @@ def test_fused_forward_equals_the_plain_ops():
     assert torch.equal(out.detach(), plain)
     (out * 3).sum().backward()
     torch.testing.assert_close(x.grad, torch.full_like(x, 3.0))
+
+
+def test_sharded_range_init_uses_the_global_maximum():
+    """Several processes: delta is the all-reduced maximum (here one process: the maximum)."""
+    q = Log2Quantizer(bits=4)
+    x = _softmax(seed=2)
+    q.shard_samples = x.shape[0]
+    q.init_range(x)
+    assert q.initialized and float(q.scale) == float(x.max())

@@ -15,6 +15,7 @@ fake quantization as plain float operations (``qdq_exportable = False``).
 import torch
 
 from mmbrecq.registry import MODELS, QUANTIZERS
+from mmbrecq.utils.dist import sharded_range
 from .uniform import UniformQuantizer
 
 #: codes per octave of each base
@@ -82,7 +83,14 @@ class Log2Quantizer(UniformQuantizer):
 
     @torch.no_grad()
     def init_range(self, x: torch.Tensor, max_elements: int = 1 << 18):
-        """``delta`` (kept in ``scale``): the shrunk maximum with the least squared error."""
+        """``delta`` (kept in ``scale``): the shrunk maximum with the least squared error.
+        Several processes (``shard_samples`` set): the global maximum, the same on every rank."""
+        if getattr(self, 'shard_samples', None):
+            _, hi = sharded_range(x, self, self.shard_samples)
+            self.scale.data.copy_(hi.clamp_min(torch.finfo(hi.dtype).tiny))
+            self.zero_point.zero_()
+            self.initialized = True
+            return
         v = x.detach().float().reshape(-1)
         if v.numel() > max_elements:
             v = v[::-(-v.numel() // max_elements)]
