@@ -10,8 +10,12 @@ and one seed; each row is measured in this run.
         [--model resnet18|mobilenet_v3]
     python benchmarks/bench_digits_methods.py --settings w4a4 w2a4 \
         --methods brecq brecq_mse brecq_fisher_raw brecq_fisher_normalized   # the Fisher weighting
+    python benchmarks/bench_digits_methods.py --model vit --settings w8a8 w6a6 w4a4   # the digits ViT
+    python benchmarks/bench_digits_methods.py --model vit --settings w4a4 --methods brecq \
+        --quant-cfg "dict(transformer=dict(unit='halves'))"                         # any quant_cfg option
 """
 import argparse
+import ast
 import copy
 import json
 import time
@@ -34,7 +38,7 @@ DEFAULT_METHODS = ['nearest', 'layerwise', 'brecq', 'brecq_qdrop']
 def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits):
     import mmbrecq
     w, a = (int(x) for x in setting[1:].split('a'))
-    model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(w_bits=w, a_bits=a))
+    model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(args.quant_cfg, w_bits=w, a_bits=a))
     mmbrecq.set_quant_state(model, True, True)
     mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward)
     t0 = time.perf_counter()
@@ -46,6 +50,23 @@ def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits)
     return dict(setting=setting, method=method, top1=top1, kl=kl, seconds=seconds)
 
 
+def _literal_dict(text):
+    """``dict(a=1)`` or ``{'a': 1}`` -> a dict (literals only, nothing is executed)."""
+    node = ast.parse(text, mode='eval').body
+    if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'dict' and not node.args:
+        return {kw.arg: _literal_node(kw.value) for kw in node.keywords}
+    value = ast.literal_eval(node)
+    if not isinstance(value, dict):
+        raise SystemExit(f'--quant-cfg must be a dict, got {text!r}')
+    return value
+
+
+def _literal_node(node):
+    if isinstance(node, ast.Call) and getattr(node.func, 'id', None) == 'dict' and not node.args:
+        return {kw.arg: _literal_node(kw.value) for kw in node.keywords}
+    return ast.literal_eval(node)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--settings', nargs='+', default=['w4a4', 'w2a4', 'w3a3', 'w2a2'])
@@ -54,15 +75,17 @@ def main():
     p.add_argument('--num-samples', type=int, default=512)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--model', default='resnet18', choices=sorted(DIGITS_MODELS),
-                   help='the demo float model (slim ResNet-18 or MobileNetV3-small-0.5)')
+                   help='the demo float model (slim ResNet-18, MobileNetV3-small-0.5 or a small ViT)')
+    p.add_argument('--quant-cfg', default='dict()', help='extra quant_cfg keys, a Python dict literal')
     p.add_argument('--json', help='also write the rows to this file')
     args = p.parse_args()
+    args.quant_cfg = _literal_dict(args.quant_cfg)
 
     import mmbrecq  # noqa: F401  (registers the plugin)
     cfg, float_model, calib, test_batches, fp_logits, fp_top1 = digits_benchmark_setup(
         args.num_samples, args.seed, model=args.model)
     print(f'{args.model} on the digits test split (360 images), calibration {calib.num_samples} train images, '
-          f'{args.iters} iterations per unit, seed {args.seed}')
+          f'{args.iters} iterations per unit, seed {args.seed}, quant_cfg extras {args.quant_cfg}')
     print(f'{"setting":8s} {"method":24s} {"top-1":>7s} {"KL(fp||q)":>10s} {"recon s":>8s}')
     print(f'{"float":8s} {"-":24s} {fp_top1:7.2f} {0:10.4f} {0:8.1f}')
     rows = [dict(setting='float', method='-', top1=fp_top1, kl=0.0, seconds=0.0)]

@@ -8,6 +8,11 @@ quantizers, Fisher-weighted loss, rounding regulariser, Adam steps on alpha and 
 
     python benchmarks/bench_recon_iteration.py [--blocks backbone.layer1.0 backbone.layer3.0]
         [--iters 20] [--samples 64] [--device cpu]
+    python benchmarks/bench_recon_iteration.py --model deit-s   # one DeiT-S encoder layer, 197 tokens
+
+For ``--model deit-s`` the unit is a whole ``TransformerEncoderLayer`` of DeiT-S (embed 384,
+6 heads, 197 tokens at 224x224): its four Linears in soft AdaRound, LSQ on their inputs and
+on Q, K, V, the log-sqrt2 quantizer on the softmax output.
 """
 import argparse
 import copy
@@ -15,12 +20,18 @@ import time
 
 import torch
 
+#: --model -> (mmpretrain config, default blocks)
+MODELS = {
+    'resnet18': ('resnet/resnet18_8xb32_in1k.py', ['backbone.layer1.0', 'backbone.layer3.0']),
+    'deit-s': ('deit/deit-small_4xb256_in1k.py', ['backbone.layers.0']),
+}
 
-def build_resnet18():
+
+def build_model(name):
     from mmengine.hub import get_config
-    from mmpretrain.registry import MODELS
-    cfg = get_config('mmpretrain::resnet/resnet18_8xb32_in1k.py')
-    return MODELS.build(cfg.model).eval()
+    from mmpretrain.registry import MODELS as MMPRETRAIN_MODELS
+    cfg = get_config(f'mmpretrain::{MODELS[name][0]}')
+    return MMPRETRAIN_MODELS.build(cfg.model).eval()
 
 
 def block_input_shape(model, name, res):
@@ -49,7 +60,11 @@ def seconds_per_iter(run, iters, device):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--blocks', nargs='+', default=['backbone.layer1.0', 'backbone.layer3.0'])
+    p.add_argument('--model', default='resnet18', choices=sorted(MODELS))
+    p.add_argument('--blocks', nargs='+', default=None, help='unit names (default: per model)')
+    p.add_argument('--unit', default='layer', choices=['layer', 'halves'],
+                   help="transformers: quant_cfg.transformer.unit (halves: e.g. --blocks backbone.layers.0.attn "
+                        "backbone.layers.0.ffn.layers)")
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
@@ -60,6 +75,7 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
+    args.blocks = args.blocks or MODELS[args.model][1]
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -78,9 +94,10 @@ def main():
     from mmbrecq.reconstruction.optimize import _param_groups, _run_stage, prequantized_input, step_quantizers
     device = torch.device(args.device)
     torch.manual_seed(0)
-    float_model = build_resnet18()
+    float_model = build_model(args.model)
     fold_bn(float_model)
-    qmodel = mmbrecq.quantize_model(copy.deepcopy(build_resnet18()), dict(w_bits=4, a_bits=4))
+    qcfg = dict(w_bits=4, a_bits=4, transformer=dict(unit=args.unit))
+    qmodel = mmbrecq.quantize_model(copy.deepcopy(build_model(args.model)), qcfg)
     qmodel.to(device)
     float_model.to(device)
     set_quant_state(qmodel, True, True)
@@ -90,7 +107,7 @@ def main():
     probe = CalibrationSet([torch.randn(1, 3, args.res, args.res, device=device)], lambda m, b: m(b, mode='tensor'))
     order_units, traces = probe_units(qmodel, list(units.values()), probe)
     order = [u.name for u in order_units]
-    print(f'device: {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
+    print(f'{args.model} on device: {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
           f'{args.res}x{args.res}, best of {args.rounds} rounds of {args.iters} iterations')
     print(f'{"block":20s} {"float f+b (ms)":>15s} {"recon iter (ms)":>16s} {"ratio":>7s}')
     for name in args.blocks:
@@ -98,7 +115,9 @@ def main():
         fblock = float_model.get_submodule(name)
         unit = units[name]
         with torch.no_grad():
-            x = torch.randn(args.samples, *shape, device=device).relu_()
+            x = torch.randn(args.samples, *shape, device=device)
+            if args.model.startswith('resnet'):
+                x.relu_()  # a ResNet block reads a ReLU output
             y = fblock(x)
         budget = CacheBudget(device, device_gb=8, host_gb=16)
         caches = {}

@@ -32,7 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / 'configs' / 'brecq'
 #: detector configs are tested in test_configs_detection.py
 DETECTION_PREFIXES = ('faster-rcnn_', 'retinanet_', 'digits_det_')
-FILES = sorted(p.name for p in CONFIG_DIR.glob('*.py') if not p.name.startswith(DETECTION_PREFIXES))
+#: transformer configs are tested in test_configs_transformer.py
+TRANSFORMER_PREFIXES = ('deit-', 'vit-', 'swin-', 'digits_demo_vit_')
+FILES = sorted(p.name for p in CONFIG_DIR.glob('*.py')
+               if not p.name.startswith(DETECTION_PREFIXES + TRANSFORMER_PREFIXES))
 NAME_RE = re.compile(r'^(?P<family>.+)_w(?P<w>\d+)a(?P<a>\d+)\.py$')
 #: mixed precision: <family>_mp_w<W>size_a<A>.py, budget = the size of uniform W<W> weights
 MP_RE = re.compile(r'^(?P<family>.+)_mp_w(?P<w>\d+)size_a(?P<a>\d+)\.py$')

@@ -7,6 +7,7 @@ from _tools import load_tool
 
 
 @pytest.mark.parametrize('tool,argv', [('train_digits', []), ('train_digits', ['--model', 'mobilenet_v3']),
+                                       ('train_digits', ['--model', 'vit']),
                                        ('train_digits_det', ['--model', 'retinanet']),
                                        ('train_digits_det', ['--model', 'faster_rcnn'])])
 def test_command_line_reaches_the_config(tool, argv, tmp_path):

@@ -1,7 +1,8 @@
-"""Train a float model of the demo (slim ResNet-18 or MobileNetV3 on scikit-learn's digits) with mmengine.
+"""Train a float model of the demo (slim ResNet-18, MobileNetV3 or a small ViT on scikit-learn's digits).
 
     python tools/train_digits.py                        # ResNet-18, ~2 min on 2 CPU cores
     python tools/train_digits.py --model mobilenet_v3   # checkpoints/digits_mobilenet_v3_float.pth
+    python tools/train_digits.py --model vit            # checkpoints/digits_vit_float.pth
     python tools/train_digits.py --epochs 5 --out /tmp/quick.pth
 
 Writes a stripped checkpoint (``state_dict`` + ``meta``, no optimizer / message hub) that
@@ -25,6 +26,7 @@ MODELS = dict(
     resnet18=('digits_resnet_float.py', 'work_dirs/digits_resnet_float', 'checkpoints/digits_resnet18_float.pth'),
     mobilenet_v3=('digits_mobilenet_v3_float.py', 'work_dirs/digits_mobilenet_v3_float',
                   'checkpoints/digits_mobilenet_v3_float.pth'),
+    vit=('digits_vit_float.py', 'work_dirs/digits_vit_float', 'checkpoints/digits_vit_float.pth'),
 )
 DEFAULT_CONFIG = osp.join(CONFIG_DIR, MODELS['resnet18'][0])
 

@@ -13,10 +13,17 @@ from .mobile_convnext import (
                              MBInvertedResidualRule,
                              MBInvertedResidualSERule,
 )
+from .transformer import (
+                             SwinBlockRule,
+                             TransformerAttentionHalfRule,
+                             TransformerEncoderLayerRule,
+                             TransformerMLPHalfRule,
+)
 
 __all__ = [
     'BlockRule', 'ResidualBlockRule', 'ResNetStemRule', 'MMPretrainBasicBlockRule', 'MMPretrainBottleneckRule',
     'MMPretrainResNetStemRule', 'InvertedResidualRule', 'MMDetBasicBlockRule', 'MMDetBottleneckRule',
     'MMDetResNetStemRule', 'ConvNeXtBlockRule', 'MBInvertedResidualRule', 'MBInvertedResidualSERule',
-    'EdgeResidualRule', 'EdgeResidualSERule'
+    'EdgeResidualRule', 'EdgeResidualSERule', 'TransformerEncoderLayerRule', 'SwinBlockRule',
+    'TransformerAttentionHalfRule', 'TransformerMLPHalfRule'
 ]

@@ -37,6 +37,12 @@ class BlockRule:
     shortcut_prefixes: tuple = ()
     #: what the unit is called in logs
     kind: str = 'block'
+    #: whether the block input gets one quantizer (a pre-hook) shared by the layers that read
+    #: it; ``False``: each inner layer quantizes its own input (transformers, whose residual
+    #: stream stays float)
+    quantize_input: bool = True
+    #: the parsed ``quant_cfg`` (set by ``quantize_model``), for rules with options
+    qcfg = None
 
     def resolved_types(self):
         return tuple(t for t in (_resolve(p) for p in self.block_types) if t is not None)
@@ -65,6 +71,16 @@ class BlockRule:
         block's every step). The probe checks that the model really runs the tail.
         """
         return None
+
+    def input_kind(self, block: nn.Module, layer_name: str):
+        """Tensor kind of the input of ``block.<layer_name>`` (``quant_cfg.transformer`` may
+        give that kind its own quantizer type), or ``None`` for the default."""
+        return None
+
+    def attach_quantizers(self, block: nn.Module, make_act):
+        """Add quantizers on tensors that are no layer's input (called after the layers are
+        swapped); ``make_act(kind)`` builds one at the block's activation bits, or ``None``
+        when activations stay float. Default: none."""
 
     def entry_layers(self, block: nn.Module, layer_names):
         """Names (relative to the block, in registration order) of layers fed by the input."""

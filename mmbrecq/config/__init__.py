@@ -7,6 +7,7 @@ from .quant_cfg import (
                         FISHER_WEIGHTS,
                         FLOAT_ACT_BITS,
                         QUANT_CFG,
+                        TENSOR_KINDS,
                         act_bits,
                         calib_config,
                         mp_config,
@@ -17,7 +18,7 @@ from .quant_cfg import (
 from .schema import ConfigError, Key, Section
 
 __all__ = [
-    'QUANT_CFG', 'DEFAULTS', 'DEFAULT_RECON', 'DEFAULT_CALIB', 'DEFAULT_SENSITIVITY', 'FISHER_WEIGHTS',
+    'QUANT_CFG', 'TENSOR_KINDS', 'DEFAULTS', 'DEFAULT_RECON', 'DEFAULT_CALIB', 'DEFAULT_SENSITIVITY', 'FISHER_WEIGHTS',
     'FLOAT_ACT_BITS', 'validate_quant_cfg', 'recon_config', 'calib_config', 'mp_config', 'act_bits',
     'searcher_args', 'ConfigError', 'Key', 'Section'
 ]

@@ -220,6 +220,22 @@ MIXED_PRECISION = Section(dict(
     sensitivity=SENSITIVITY,
 ), optional=True, default_none=True, extra=_searcher_extra, finalize=_mp_finalize)
 
+# -- transformer ---------------------------------------------------------------------------
+#: tensor kinds that ``quant_cfg.transformer`` can give their own activation quantizer
+TENSOR_KINDS = ('matmul', 'softmax', 'post_ln', 'post_gelu')
+_quantizer_or_none = optional(registered(QUANTIZERS, 'quantizer'))
+
+# ViT/DeiT TransformerEncoderLayer, SwinBlock (mmbrecq/blocks/transformer.py): the unit, and
+# an activation quantizer per tensor kind (None: act_quantizer)
+TRANSFORMER = Section(dict(
+    unit=Key('halves', one_of('halves', 'layer')),  # attention and MLP apart | a whole encoder layer
+    matmul=Key(None, _quantizer_or_none),           # Q, K (of Q.K^T) and V (of softmax.V)
+    softmax=Key(dict(type='Log2Quantizer'), _quantizer_or_none),  # the softmax output (of softmax.V); base sqrt(2)
+    post_ln=Key(None, _quantizer_or_none),          # inputs of qkv and of the MLP's first Linear (or
+                                                    # ChannelReparamQuantizer)
+    post_gelu=Key(None, _quantizer_or_none),        # input of the MLP's second Linear
+))
+
 # -- the whole section ---------------------------------------------------------------------
 QUANT_CFG = Section(dict(
     w_bits=Key(4, bits),
@@ -233,6 +249,7 @@ QUANT_CFG = Section(dict(
     act_quantizer=Key(dict(type='LSQQuantizer', init='lp', p=2.4, num_candidates=100),
                       registered(QUANTIZERS, 'quantizer')),
     block_rules=Key(None, optional(list_of(name_of(BLOCK_RULES, 'block rule')))),  # None: every rule
+    transformer=TRANSFORMER,
     calib=CALIB,
     recon=RECON,
     mixed_precision=MIXED_PRECISION,

@@ -19,10 +19,11 @@ from .calibration import tensor_forward
 
 DIGITS_CONFIG = 'configs/_base_/digits_resnet_float.py'
 DIGITS_CHECKPOINT = 'checkpoints/digits_resnet18_float.pth'
-#: the demo's float models (config, checkpoint), relative to the repository root
+#: the demo's float models: name -> (config, checkpoint), relative to the repository root
 DIGITS_MODELS = dict(
     resnet18=(DIGITS_CONFIG, DIGITS_CHECKPOINT),
     mobilenet_v3=('configs/_base_/digits_mobilenet_v3_float.py', 'checkpoints/digits_mobilenet_v3_float.pth'),
+    vit=('configs/_base_/digits_vit_float.py', 'checkpoints/digits_vit_float.pth'),
 )
 
 

@@ -149,7 +149,8 @@ def qdq_export_mode(model: nn.Module):
                 specs.append(spec)
                 patched.append((q, spec))
             for name, q in act_quantizers(model):
-                if q.enabled:
+                # a non-uniform grid (Log2Quantizer) has no Q/DQ form: its own float ops are traced
+                if q.enabled and getattr(q, 'qdq_exportable', True):
                     spec = _act_spec(name, q)
                     specs.append(spec)
                     patched.append((q, spec))

@@ -1,7 +1,7 @@
 """``quant_cfg`` as the swap reads it: which bits each layer gets."""
 import fnmatch
 
-from mmbrecq.config import DEFAULTS, ConfigError, act_bits, validate_quant_cfg
+from mmbrecq.config import DEFAULTS, TENSOR_KINDS, ConfigError, act_bits, validate_quant_cfg
 
 __all__ = ['QuantConfig', 'DEFAULTS']
 
@@ -19,6 +19,12 @@ class QuantConfig:
 
     def __getitem__(self, key):
         return self.cfg[key]
+
+    def kind_quantizers(self):
+        """``{tensor kind: quantizer cfg}`` for the kinds with their own quantizer type
+        (``quant_cfg.transformer``)."""
+        t = self.cfg['transformer']
+        return {k: dict(t[k]) for k in TENSOR_KINDS if t[k] is not None}
 
     # -- per-layer decisions ------------------------------------------------------------
     def check_patterns(self, layer_names):

@@ -23,9 +23,13 @@ def _quantize_block_input(block, args):
     return (block.input_quantizer(args[0]), ) + tuple(args[1:])
 
 
-def _build_rules(names):
-    """The block rules to apply (names checked by the quant_cfg schema); ``None``: all."""
-    return [build_from(BLOCK_RULES, dict(type=n)) for n in (names if names is not None else BLOCK_RULES.module_dict)]
+def _build_rules(names, qcfg):
+    """The block rules to apply (names checked by the quant_cfg schema; ``None``: all); rules
+    with options (``quant_cfg.transformer``) read them from ``rule.qcfg``."""
+    rules = [build_from(BLOCK_RULES, dict(type=n)) for n in (names if names is not None else BLOCK_RULES.module_dict)]
+    for rule in rules:
+        rule.qcfg = qcfg
+    return rules
 
 
 class _QuantizerFactory:
@@ -34,6 +38,7 @@ class _QuantizerFactory:
     def __init__(self, qcfg: QuantConfig):
         self.w_cfg = dict(qcfg['weight_quantizer'])   # types checked by the quant_cfg schema
         self.a_cfg = dict(qcfg['act_quantizer'])
+        self.kind_cfgs = qcfg.kind_quantizers()       # per tensor kind (None: act_quantizer)
 
     def weight(self, layer, bits):
         cfg = dict(self.w_cfg, bits=bits, num_channels=layer.weight.shape[0], ch_axis=0)
@@ -43,10 +48,11 @@ class _QuantizerFactory:
         q.init_range(layer.weight)
         return q
 
-    def act(self, bits, device):
+    def act(self, bits, device, kind=None):
+        """An activation quantizer at ``bits`` (``None``: float) for a tensor of ``kind``."""
         if bits is None:
             return None
-        return build_from(QUANTIZERS, dict(self.a_cfg, bits=bits, role='act')).to(device)
+        return build_from(QUANTIZERS, dict(self.kind_cfgs.get(kind, self.a_cfg), bits=bits, role='act')).to(device)
 
 
 class _Swapper:
@@ -57,17 +63,18 @@ class _Swapper:
         self.first, self.last = first, last
         self.device = next(model.parameters()).device
 
-    def swap_layer(self, name, with_input_quantizer):
+    def swap_layer(self, name, with_input_quantizer, kind=None):
         layer = self.model.get_submodule(name)
         w_bits, a_bits = self.qcfg.bits_for(name, self.first, self.last)
-        in_q = self.factory.act(a_bits, self.device) if with_input_quantizer else None
+        in_q = self.factory.act(a_bits, self.device, kind) if with_input_quantizer else None
         qlayer = quant_twin(layer).from_float(layer, self.factory.weight(layer, w_bits), in_q)
         self.model.set_submodule(name, qlayer)
         return qlayer
 
     def swap_block(self, rule, parent, child_name, name):
         """``parent.<child_name>`` as one unit of ``rule``: inner layers swapped, one input
-        quantizer for the whole block (a pre-hook)."""
+        quantizer for the whole block (a pre-hook) unless the rule quantizes each layer's
+        input itself, and the rule's quantizers on tensors that are no layer's input."""
         child = parent.get_submodule(child_name)
         unit = rule.prepare(parent, child_name, child)
         if unit is not child:
@@ -78,12 +85,15 @@ class _Swapper:
         if not inner:
             return
         for rel in inner:
-            self.swap_layer(f'{name}.{rel}', rel not in entries)
+            self.swap_layer(f'{name}.{rel}', rel not in entries, rule.input_kind(unit, rel))
         # the block input is quantized at the activation bits of its first layer
-        in_q = self.factory.act(self.qcfg.bits_for(f'{name}.{every[0]}', self.first, self.last)[1], self.device)
+        a_bits = self.qcfg.bits_for(f'{name}.{every[0]}', self.first, self.last)[1]
+        in_q = self.factory.act(a_bits, self.device) if rule.quantize_input else None
         if in_q is not None:
             unit.add_module('input_quantizer', in_q)
             unit.register_forward_pre_hook(_quantize_block_input)
+        # quantizers on tensors that are no layer's input (attention matmul operands)
+        rule.attach_quantizers(unit, lambda kind: self.factory.act(a_bits, self.device, kind))
         setattr(unit, UNIT_ATTR, rule.kind)
 
     def swap_single(self, parent, child_name, name):
@@ -122,7 +132,7 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     """
     qcfg = quant_cfg if isinstance(quant_cfg, QuantConfig) else QuantConfig(quant_cfg)
     # every check first: a config error must leave the user's model untouched
-    rules = _build_rules(qcfg['block_rules'])
+    rules = _build_rules(qcfg['block_rules'], qcfg)
     factory = _QuantizerFactory(qcfg)
     layer_names = quantizable_layers(model)
     if not layer_names:

@@ -44,11 +44,14 @@ class LSQQuantizer(UniformQuantizer):
         that a fused kernel (:func:`mmbrecq.reconstruction.objective.quantized_reconstruction_loss`)
         may stand in for it: enabled, initialised, per-tensor, no QDrop in training, no hook.
         A subclass whose :meth:`quantize` or :meth:`forward` computes something else is not
-        fusable unless it says so by overriding this property.
+        fusable unless it says when it is by overriding this property.
         """
         cls = type(self)
-        return (cls.quantize is LSQQuantizer.quantize and cls.forward is LSQQuantizer.forward
-                and self.enabled and self.initialized and self.ch_axis is None
+        return cls.quantize is LSQQuantizer.quantize and cls.forward is LSQQuantizer.forward and self._plain_now()
+
+    def _plain_now(self) -> bool:
+        """The state part of :attr:`fusable` (what a subclass's override reuses)."""
+        return (self.enabled and self.initialized and self.ch_axis is None
                 and not (self.qdrop_prob is not None and self.training)
                 and not (self._forward_hooks or self._forward_pre_hooks))
 

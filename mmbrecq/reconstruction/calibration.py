@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmbrecq.modules import quantizers_of
+from mmbrecq.modules.reparam import fold_post_ln_scales
 from mmbrecq.utils.batch import batch_size
 from mmbrecq.utils.dist import ShardReducer
 
@@ -67,4 +68,5 @@ def calibrate_activations(model: nn.Module, batches, forward=None):
     missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]
     if missing:
         raise RuntimeError(f'activation quantizers never reached by the calibration data: {missing[:5]}')
+    fold_post_ln_scales(model)  # post-LayerNorm per-channel scales -> LayerNorm and next Linear
     return model

@@ -1,0 +1,6 @@
+# BRECQ W6A6 on mmpretrain Swin-T (ImageNet-1k) with the paper's recipe
+# (configs/_base_/brecq_imagenet.py); transformer units and quantizers: quant_cfg.transformer
+# defaults (README, "Transformers").
+_base_ = ['mmpretrain::swin_transformer/swin-tiny_16xb64_in1k.py', '../_base_/brecq_imagenet.py']
+float_checkpoint = 'https://download.openmmlab.com/mmclassification/v0/swin-transformer/convert/swin_tiny_patch4_window7_224-160bb0a5.pth'
+quant_cfg = dict(w_bits=6, a_bits=6)

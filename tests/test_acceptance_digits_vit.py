@@ -1,0 +1,73 @@
+"""BRECQ on the trained digits ViT (the transformer demo model): the method's ordering.
+
+At W4A4 and W6A6, BRECQ >= layer-wise AdaRound and >= nearest rounding in top-1, with the mean
+KL(float || quantized) ordered BRECQ < layer-wise < nearest; layer-wise >= nearest in top-1 at
+W4A4 (at W6A6 it measured two images below nearest); W8A8 BRECQ within 0.5 points of float. Short
+schedules (CPU budget): benchmarks/bench_digits_methods.py --model vit has the full table.
+"""
+import copy
+import os
+
+import pytest
+import torch
+
+import mmbrecq
+from mmbrecq.engine.demo import DIGITS_MODELS, load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
+from mmbrecq.reconstruction import CalibrationSet
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def setup():
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        torch.manual_seed(0)
+        cfg, model = load_float_model(*DIGITS_MODELS['vit'])
+        calib = CalibrationSet(preprocessed_batches(cfg, model, 'train', 256, 64, seed=0), tensor_forward)
+        test = preprocessed_batches(cfg, model, 'test', None, 120)
+    finally:
+        os.chdir(cwd)
+    with torch.no_grad():
+        ref = [tensor_forward(model, b) for b in test]
+    fp_top1, _ = top1_and_kl(model, test, ref)
+    return model, calib, test, ref, fp_top1
+
+
+def quantized(model, calib, w, a, recon=None):
+    q = mmbrecq.quantize_model(copy.deepcopy(model), dict(w_bits=w, a_bits=a))
+    mmbrecq.set_quant_state(q, True, True)
+    mmbrecq.calibrate_activations(q, calib.batches[:1], calib.forward)
+    if recon is not None:
+        mmbrecq.reconstruct(q, calib, dict(iters=300, progress=False, seed=0, **recon), logger='silent')
+    return q
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)  # three PTQ runs; several times longer on a loaded 2-core machine
+@pytest.mark.parametrize('w,a', [(4, 4), (6, 6)])
+def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
+    model, calib, test, ref, fp_top1 = setup
+    scores = {}
+    for name, recon in (('nearest', None), ('layerwise', dict(granularity='layer', loss='mse')),
+                        ('brecq', dict())):
+        scores[name] = top1_and_kl(quantized(model, calib, w, a, recon), test, ref)
+    print(f'W{w}A{a} float {fp_top1:.2f}', {k: (round(t, 2), round(kl, 4)) for k, (t, kl) in scores.items()})
+    (n_top1, n_kl), (l_top1, l_kl), (b_top1, b_kl) = scores['nearest'], scores['layerwise'], scores['brecq']
+    assert b_kl < l_kl < n_kl
+    assert b_top1 >= l_top1 and b_top1 >= n_top1
+    if (w, a) == (4, 4):
+        assert l_top1 >= n_top1
+    # W6A6: nearest rounding is already within 0.6 points of float, and layer-wise AdaRound
+    # measured 98.06 against nearest's 98.61 (2 of 360 images) while its KL is lower; the
+    # README's methods table reports it, this test does not hide it behind a looser bound
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_w8a8_brecq_within_half_a_point_of_float(setup):
+    model, calib, test, ref, fp_top1 = setup
+    top1, kl = top1_and_kl(quantized(model, calib, 8, 8, dict()), test, ref)
+    print(f'W8A8 float {fp_top1:.2f} brecq {top1:.2f} kl {kl:.5f}')
+    assert top1 >= fp_top1 - 0.5
