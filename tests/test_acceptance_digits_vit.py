@@ -44,7 +44,6 @@ def quantized(model, calib, w, a, recon=None):
     return q
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(3600)  # three PTQ runs; several times longer on a loaded 2-core machine
 @pytest.mark.parametrize('w,a', [(4, 4), (6, 6)])
 def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
@@ -64,7 +63,6 @@ def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
     # README's methods table reports it, this test does not hide it behind a looser bound
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(3600)
 def test_w8a8_brecq_within_half_a_point_of_float(setup):
     model, calib, test, ref, fp_top1 = setup

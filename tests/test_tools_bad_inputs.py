@@ -347,3 +347,15 @@ def test_bad_quant_cfg_value_names_its_key_path(option, message, tmp_path, capsy
     err = _error(capsys)
     assert message in err, err
     _nothing_written(tmp_path / 'work')
+
+
+def test_non_finite_loss_ends_the_run_with_a_message(tmp_path, capsys, monkeypatch):
+    """A NaN during reconstruction (``on_nan='fail'``): one message naming the unit and the
+    options, exit 1, no traceback."""
+    from mmbrecq.reconstruction import optimize
+    real = optimize.quantized_reconstruction_loss
+    monkeypatch.setattr(optimize, 'quantized_reconstruction_loss', lambda *a: real(*a) * float('nan'))
+    monkeypatch.setattr(optimize, 'reconstruction_loss', lambda *a: torch.tensor(float('nan')))
+    assert _ptq(W4A4, tmp_path / 'work', '--no-fp-eval', '--no-nearest-eval') == 1
+    err = _error(capsys)
+    assert "unit 'backbone.conv1'" in err and 'non-finite loss' in err and "on_nan='nearest'" in err

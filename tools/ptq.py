@@ -95,6 +95,7 @@ def build_ptq_config(args):
 def main(argv=None):
     args = parse_args(argv)
     import mmbrecq  # noqa: F401  (registers everything, applies the torch-2.9 shims)
+    from mmbrecq.reconstruction import NonFiniteLoss
     from mmbrecq.utils import InputError, WorkDirLock, make_work_dir, trusted_checkpoints
     from mmbrecq.utils.cli import launcher_rank
     from mmbrecq.utils.dist import prepare_launcher
@@ -114,6 +115,10 @@ def main(argv=None):
     except (InputError, FileNotFoundError) as e:
         print(f'error: {e}', file=sys.stderr)
         return 2
+    except NonFiniteLoss as e:  # the run failed (quant_cfg.recon.on_nan='fail'); finished units are kept
+        print(f"error: {e}; quant_cfg.recon.on_nan='nearest' falls back to nearest rounding for such a unit, "
+              '--resume continues after the last finished unit', file=sys.stderr)
+        return 1
     return 0
 
 

@@ -104,19 +104,8 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
     t0 = time.perf_counter()
     path = osp.join(work_dir, MP_FILE) if work_dir else None
     spaces = search_space(model, qcfg, mp['candidates'])
-    report = None
     if resume and path and osp.isfile(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except ValueError as e:
-            raise InputError(f'resume: {path} is not readable ({e}); delete it to search the bit map again') from e
-        same, was, now = _same_search(saved, mp, spaces)
-        if not same:
-            raise ValueError(f'resume: {path} was searched with {was} (or for other layers), the config now '
-                             f'asks for {now}; resume in a new work dir, or run without --resume')
-        report = dict(saved, reused=True)
-        print_log(f'mixed precision: resume reuses the bit map of {path} (no new search)', logger)
+        report = _reuse(path, mp, spaces, logger)
     else:
         report = _search(model, calib, qcfg, mp, spaces, work_dir, logger, write)
         report['search_seconds'] = time.perf_counter() - t0
@@ -142,6 +131,21 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
               f'({"met" if report["budget_met"] else "NOT met"}), mean weight bits {report["mean_w_bits"]:.3f}',
               logger)
     return _summary(report, path)
+
+
+def _reuse(path, mp, spaces, logger):
+    """The bit map of a resumed run's ``mixed_precision.json``, if it was searched for this config."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise InputError(f'resume: {path} is not readable ({e}); delete it to search the bit map again') from e
+    same, was, now = _same_search(saved, mp, spaces)
+    if not same:
+        raise ValueError(f'resume: {path} was searched with {was} (or for other layers), the config now '
+                         f'asks for {now}; resume in a new work dir, or run without --resume')
+    print_log(f'mixed precision: resume reuses the bit map of {path} (no new search)', logger)
+    return dict(saved, reused=True)
 
 
 def _broadcast(report):

@@ -1,4 +1,5 @@
 """PNG plots of the mixed-precision search: sensitivities, chosen bits, accuracy/size trade-off."""
+from mmbrecq.utils.io import atomic_path
 
 
 def _plt():
@@ -33,7 +34,8 @@ def plot_sensitivity(report, path):
     axes[1].set(ylabel='weight bits', title=f'searched bits ({b["key"]} {report["cost"][b["key"]]:.4g} '
                                               f'<= {b["value"]:.4g})')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
     return path
 
@@ -53,6 +55,7 @@ def plot_tradeoff(rows, path, x='size_mb', y='top1', title='accuracy / size trad
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
     return path

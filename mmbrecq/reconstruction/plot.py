@@ -5,6 +5,7 @@ from mmengine.dist import master_only
 from mmengine.hooks import Hook
 
 from mmbrecq.registry import HOOKS
+from mmbrecq.utils.io import atomic_path
 
 
 def plot_losses(records, path):
@@ -24,7 +25,8 @@ def plot_losses(records, path):
     if records:
         axes[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:  # a reader never sees half a PNG
+        fig.savefig(tmp, dpi=100, format='png')
     plt.close(fig)
     return path
 
