@@ -5,54 +5,22 @@ KL(float || quantized) ordered BRECQ < layer-wise < nearest; layer-wise >= neare
 W4A4 (at W6A6 it measured two images below nearest); W8A8 BRECQ within 0.5 points of float. Short
 schedules (CPU budget): benchmarks/bench_digits_methods.py --model vit has the full table.
 """
-import copy
-import os
-
 import pytest
-import torch
 
-import mmbrecq
-from mmbrecq.engine.demo import DIGITS_MODELS, load_float_model, preprocessed_batches, tensor_forward, top1_and_kl
-from mmbrecq.reconstruction import CalibrationSet
+from mmbrecq.engine.demo import top1_and_kl
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _digits import digits_setup, method_scores, quantized
 
 
 @pytest.fixture(scope='module')
 def setup():
-    cwd = os.getcwd()
-    os.chdir(ROOT)
-    try:
-        torch.manual_seed(0)
-        cfg, model = load_float_model(*DIGITS_MODELS['vit'])
-        calib = CalibrationSet(preprocessed_batches(cfg, model, 'train', 256, 64, seed=0), tensor_forward)
-        test = preprocessed_batches(cfg, model, 'test', None, 120)
-    finally:
-        os.chdir(cwd)
-    with torch.no_grad():
-        ref = [tensor_forward(model, b) for b in test]
-    fp_top1, _ = top1_and_kl(model, test, ref)
-    return model, calib, test, ref, fp_top1
-
-
-def quantized(model, calib, w, a, recon=None):
-    q = mmbrecq.quantize_model(copy.deepcopy(model), dict(w_bits=w, a_bits=a))
-    mmbrecq.set_quant_state(q, True, True)
-    mmbrecq.calibrate_activations(q, calib.batches[:1], calib.forward)
-    if recon is not None:
-        mmbrecq.reconstruct(q, calib, dict(iters=300, progress=False, seed=0, **recon), logger='silent')
-    return q
+    return digits_setup('vit')
 
 
 @pytest.mark.timeout(3600)  # three PTQ runs; several times longer on a loaded 2-core machine
 @pytest.mark.parametrize('w,a', [(4, 4), (6, 6)])
 def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
-    model, calib, test, ref, fp_top1 = setup
-    scores = {}
-    for name, recon in (('nearest', None), ('layerwise', dict(granularity='layer', loss='mse')),
-                        ('brecq', dict())):
-        scores[name] = top1_and_kl(quantized(model, calib, w, a, recon), test, ref)
-    print(f'W{w}A{a} float {fp_top1:.2f}', {k: (round(t, 2), round(kl, 4)) for k, (t, kl) in scores.items()})
+    scores = method_scores(setup, w, a)
     (n_top1, n_kl), (l_top1, l_kl), (b_top1, b_kl) = scores['nearest'], scores['layerwise'], scores['brecq']
     assert b_kl < l_kl < n_kl
     assert b_top1 >= l_top1 and b_top1 >= n_top1
