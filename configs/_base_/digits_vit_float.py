@@ -8,16 +8,9 @@ _base_ = ['./digits_resnet_float.py']
 # ---------------------------------------------------------------- model
 # patch 4 on 32x32: 64 patch tokens + the class token; 4 layers, width 64, 4 heads of 16,
 # MLP ratio 4 (DeiT's shape, scaled down): 0.2 M parameters, 0.8 MB of float32 weights.
-model = dict(
-    _delete_=True,
-    type='ImageClassifier',
-    data_preprocessor=dict(
-        type='ClsDataPreprocessor',
-        num_classes=10,
-        mean=[77.94, 77.94, 77.94],
-        std=[82.50, 82.50, 82.50],
-        to_rgb=False),
+model = dict(  # the ResNet demo's classifier and data preprocessor, another backbone and head
     backbone=dict(
+        _delete_=True,
         type='VisionTransformer',
         arch=dict(embed_dims=64, num_layers=4, num_heads=4, feedforward_channels=256),
         img_size=32,
@@ -27,6 +20,7 @@ model = dict(
         out_type='cls_token'),
     neck=None,
     head=dict(
+        _delete_=True,
         type='VisionTransformerClsHead',
         num_classes=10,
         in_channels=64,
