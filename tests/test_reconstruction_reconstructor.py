@@ -300,6 +300,58 @@ def test_two_stage_runs():
     assert torch.isfinite(_outputs(model, batches)).all()
 
 
+def test_two_pass_is_the_reference_global_order(tmp_path, monkeypatch):
+    """``act_mode='two_pass'``: all units' rounding with activations float everywhere, then
+    the activation ranges searched again on the weight-quantized model, then all units'
+    steps with the rounding kept; resumable in either pass."""
+    batches = _batches()
+    cfg = dict(BASE, act_mode='two_pass', act_iters=2, loss='mse', act_lr=1e-2)
+    model = _quantized()
+    seen = {}
+
+    import mmbrecq.reconstruction.reconstructor as recon_mod
+    optimise = recon_mod.optimise_unit
+
+    def watched(unit, *args, **kwargs):  # the stream the unit's inputs came from
+        seen.setdefault('acts_on', []).append(any(q.enabled for q in quantizers_of(model, 'act')))
+        return optimise(unit, *args, **kwargs)
+
+    monkeypatch.setattr(recon_mod, 'optimise_unit', watched)
+
+    class Watch:
+        def after_recon_unit(self, runner, index, unit, record, records):
+            if record['stage'] == 'weights' and unit.name == UNITS[-1]:
+                seen['weights'] = {n: q(m.weight).detach().clone() for n, m in model.named_modules()
+                                   if isinstance(m, QuantLayerMixin) for q in [m.weight_quantizer]}
+                seen['steps'] = [q.scale.detach().clone() for q in quantizers_of(model, 'act')]
+
+    records = mmbrecq.reconstruct(model, batches, cfg, work_dir=str(tmp_path / 'a'), hooks=[Watch()])
+    assert [(r['stage'], r['name']) for r in records] == [('weights', u) for u in UNITS] + [
+        ('steps', u) for u in UNITS]
+    assert [len(r['history']) for r in records] == [3] * 4 + [2] * 4
+    # the weights pass ran with every activation quantizer off; the steps pass with the
+    # finished units' on (none before the first unit)
+    assert seen['acts_on'] == [False] * 4 + [False, True, True, True]
+    # the steps pass keeps the rounding and learns the steps (ranges re-searched in between)
+    for n, m in model.named_modules():
+        if isinstance(m, QuantLayerMixin):
+            assert torch.equal(m.weight_quantizer(m.weight), seen['weights'][n]), n
+    assert any(not torch.equal(q.scale, s) for q, s in zip(quantizers_of(model, 'act'), seen['steps']))
+    # resume in the second pass: same model
+    class InterruptInStepsPass:
+        def after_recon_unit(self, runner, index, unit, record, records):
+            if len(records) == 6:   # the weights pass and two units of the steps pass
+                raise Interrupt(unit.name)
+
+    with pytest.raises(Interrupt, match='^2$'):
+        mmbrecq.reconstruct(_quantized(), batches, cfg, work_dir=str(tmp_path / 'b'), hooks=[InterruptInStepsPass()])
+    again = _quantized()
+    rec = Recorder()
+    mmbrecq.reconstruct(again, batches, cfg, work_dir=str(tmp_path / 'b'), resume=True, hooks=[rec])
+    assert rec.before == [(2, '3'), (3, '5')]
+    _assert_state_dicts_equal(model.state_dict(), again.state_dict())
+
+
 def _blocky():
     from mmpretrain.models.backbones.resnet import BasicBlock
     torch.manual_seed(0)

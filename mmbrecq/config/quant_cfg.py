@@ -120,8 +120,9 @@ RECON = Section(dict(
     warmup=Key(0.2, number_in(0, 1, hi_open=True)),        # ... after this fraction without regulariser
     weight_lr=Key(1e-3, number_in(0, None)),             # Adam lr of AdaRound's alpha (0: frozen)
     act_lr=Key(4e-5, number_in(0, None)),                # Adam lr of the LSQ steps (cosine decay)
-    act_mode=Key('joint', one_of('joint', 'two_stage')),    # alpha and steps together | reference's stages
-    act_iters=Key(None, optional(positive_int)),            # two_stage: step-stage iterations (default: iters)
+    act_mode=Key('joint', one_of('joint', 'two_stage', 'two_pass')),  # alpha and steps together | per unit,
+                                                            # alpha then steps | all alpha, then all steps
+    act_iters=Key(None, optional(positive_int)),            # two_stage / two_pass: step iterations (default: iters)
     loss=Key('fisher_diag', one_of('fisher_diag', 'mse')),
     fisher_weight=Key('abs_plus_one', one_of(*FISHER_WEIGHTS)),  # (|g|+1)^2 as the reference code
     task_loss=Key(None, optional(registered(TASK_LOSSES, 'task loss'))),  # None: the calibration set's

@@ -159,18 +159,23 @@ def prequantized_input(unit, data: UnitData, frozen_entry, input_mix, chunk=64):
         frozen_entry.enabled = True
 
 
-def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=None, input_learned=False):
+def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=None, input_learned=False,
+                  stage=None):
     """Reconstruct ``unit`` in place; returns the loss history (iters x 2) on the host.
 
     Joint mode (default) learns alpha and the steps together; ``two_stage`` learns alpha
     with activation quantization off, then the steps with hard rounding (the reference
-    recipe uses ``act_lr=4e-4`` for that stage). Ends with hard rounding. See
-    :func:`step_quantizers` for ``out_quantizer`` / ``input_learned``.
+    recipe uses ``act_lr=4e-4`` for that stage). ``stage`` runs one of the two alone
+    (``'weights'`` / ``'steps'``: the passes of ``act_mode='two_pass'``, the reference's
+    global order). Ends with hard rounding. See :func:`step_quantizers` for
+    ``out_quantizer`` / ``input_learned``.
     """
-    for layer in unit_layers(unit).values():
-        q = layer.weight_quantizer
-        if isinstance(q, AdaRoundQuantizer):
-            q.set_rounding('soft', layer.weight)
+    mode = stage or cfg['act_mode']
+    if mode != 'steps':  # the steps pass keeps the rounding learned in the weights pass
+        for layer in unit_layers(unit).values():
+            q = layer.weight_quantizer
+            if isinstance(q, AdaRoundQuantizer):
+                q.set_rounding('soft', layer.weight)
     set_quant_state(unit.module, True, True)
     if out_quantizer is not None:
         out_quantizer.enabled = True
@@ -179,26 +184,30 @@ def optimise_unit(unit, data: UnitData, cfg, seed, progress=None, out_quantizer=
     if skip is not None:
         skip.scale.requires_grad_(False)
     torch.manual_seed(mask_seed(seed))  # QDrop masks (several processes: one seed per rank)
-    if cfg['act_mode'] == 'joint':
+    if mode == 'joint':
         wq, aq, groups = _param_groups(unit, cfg, aq_all)
         with prequantized_input(unit, data, skip, cfg['input_mix']):
             hist = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, aq, True, seed, progress, 'joint',
                               out_quantizer)
     else:
-        set_quant_state(unit.module, True, False)  # stage 1: activations float
-        if out_quantizer is not None:
-            out_quantizer.enabled = False
-        wq, aq, groups = _param_groups(unit, cfg, aq_all, with_steps=False)
-        h1 = _run_stage(unit, data, cfg, cfg['iters'], groups, wq, [], True, seed, progress, 'weights')
-        for q in wq:
-            q.set_rounding('hard')
-        set_quant_state(unit.module, True, True)
-        if out_quantizer is not None:
-            out_quantizer.enabled = True
-        _, aq, groups = _param_groups(unit, cfg, aq_all, with_alpha=False)
-        h2 = _run_stage(unit, data, cfg, cfg['act_iters'] or cfg['iters'], groups, [], aq, False,
-                        seed + 1, progress, 'steps', out_quantizer)
-        hist = torch.cat([h1, h2])
+        hist = []
+        if mode in ('two_stage', 'weights'):
+            set_quant_state(unit.module, True, False)  # activations float
+            if out_quantizer is not None:
+                out_quantizer.enabled = False
+            wq, aq, groups = _param_groups(unit, cfg, aq_all, with_steps=False)
+            hist.append(_run_stage(unit, data, cfg, cfg['iters'], groups, wq, [], True, seed, progress, 'weights'))
+            for q in wq:
+                q.set_rounding('hard')
+        if mode in ('two_stage', 'steps'):
+            set_quant_state(unit.module, True, True)
+            if out_quantizer is not None:
+                out_quantizer.enabled = True
+            _, aq, groups = _param_groups(unit, cfg, aq_all, with_alpha=False)
+            with prequantized_input(unit, data, skip, cfg['input_mix']):
+                hist.append(_run_stage(unit, data, cfg, cfg['act_iters'] or cfg['iters'], groups, [], aq, False,
+                                       seed + 1, progress, 'steps', out_quantizer))
+        hist = torch.cat(hist)
     freeze_unit(unit)
     if out_quantizer is not None:
         out_quantizer.scale.requires_grad_(False)

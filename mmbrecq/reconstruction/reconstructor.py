@@ -85,7 +85,7 @@ class BlockReconstructor:
         state = load_checkpoint_file(path, what='resume state')
         fix = 'resume with the config and checkpoint the run was started with, or start without --resume'
         names = [u.name for u in units]
-        unknown = [n for n in state['done'] if n not in names]
+        unknown = [n for n in state['done'] if n.rpartition(':')[2] not in names]
         if unknown:
             raise CheckpointError(f'{path} was written for another model: units {unknown[:3]} do not exist; {fix}')
         try:
@@ -115,30 +115,18 @@ class BlockReconstructor:
         requires_grad = {p: p.requires_grad for p in qmodel.parameters() if id(p) not in quant_params}
         for p in qmodel.parameters():  # only what a unit's optimiser selects will train
             p.requires_grad_(False)
-        carry, bar = None, None
+        bar = None
         try:
             if any(not q.initialized for q in quantizers_of(qmodel, 'act')):
                 set_quant_state(qmodel, True, True)
                 calibrate_activations(qmodel, calib.batches[:1], calib.forward)
             if targets.task_loss is not None:
                 targets.compute_float_outputs()
-            per_unit = cfg['iters'] + ((cfg['act_iters'] or cfg['iters']) if cfg['act_mode'] == 'two_stage' else 0)
-            todo = [u for u in units if u.name not in done]
-            bar = ProgressBar(len(todo) * per_unit) if cfg['progress'] and todo and is_main_process() else None
-            done_units = [u for u in units if u.name in done]
-            for i, unit in enumerate(units):
-                if unit.name in done:
-                    continue
-                nxt = units[i + 1] if i + 1 < len(units) and traces[units[i + 1].name].chained else None
-                emit('before_recon_unit', index=i, unit=unit)
-                record, carry = self._reconstruct_unit(targets, i, unit, traces[unit.name], carry, done_units,
-                                                       bar, logger, nxt)
-                records.append(record)
-                done.append(unit.name)
-                done_units.append(unit)
-                if work_dir:
-                    self._save_state(qmodel, work_dir, done, records)
-                emit('after_recon_unit', index=i, unit=unit, record=record, records=records)
+            passes = PASSES[cfg['act_mode']]
+            todo = sum(_stage_iters(cfg, p) for p in passes for u in units if _key(p, u) not in done)
+            bar = ProgressBar(todo) if cfg['progress'] and todo and is_main_process() else None
+            for stage in passes:
+                self._pass(qmodel, stage, units, traces, targets, done, records, work_dir, bar, logger, emit)
         finally:
             budget.free_all()  # also on errors: no memmap left behind in the work dir
             for p, flag in requires_grad.items():
@@ -148,14 +136,37 @@ class BlockReconstructor:
             print()
         return records
 
-    def _optimise(self, unit, data, trace, i, bar, out_q, logger, calib):
+    def _pass(self, qmodel, stage, units, traces, targets, done, records, work_dir, bar, logger, emit):
+        """One pass over the units: every stage of each unit in turn (``stage=None``), or one
+        stage of all units (``act_mode='two_pass'``: the weights pass with activations float
+        everywhere, then the steps pass, the reference code's global order)."""
+        targets.act_quant = stage != 'weights'
+        if stage == 'steps' and not any(_key(stage, u) in done for u in units):
+            _recalibrate_activations(qmodel, targets.calib)  # ranges of the weight-quantized model
+        carry = None
+        done_units = [u for u in units if _key(stage, u) in done]
+        for i, unit in enumerate(units):
+            if _key(stage, unit) in done:
+                continue
+            nxt = units[i + 1] if i + 1 < len(units) and traces[units[i + 1].name].chained else None
+            emit('before_recon_unit', index=i, unit=unit)
+            record, carry = self._reconstruct_unit(targets, i, unit, traces[unit.name], carry, done_units,
+                                                   bar, logger, nxt if stage != 'weights' else None, stage)
+            records.append(record)
+            done.append(_key(stage, unit))
+            done_units.append(unit)
+            if work_dir:
+                self._save_state(qmodel, work_dir, done, records)
+            emit('after_recon_unit', index=i, unit=unit, record=record, records=records)
+
+    def _optimise(self, unit, data, trace, i, bar, out_q, logger, calib, stage=None):
         """Optimise ``unit``; on a non-finite loss restore it (and ``out_q``) and fail or fall
         back to nearest rounding (``quant_cfg.recon.on_nan``). Returns (status, history)."""
         cfg = self.cfg
         snapshot = copy.deepcopy((unit.module.state_dict(), out_q.state_dict() if out_q else None))
         try:
             return 'ok', optimise_unit(unit, data, cfg, cfg['seed'] + i, bar.update if bar else None,
-                                       out_quantizer=out_q, input_learned=trace.chained and i > 0)
+                                       out_quantizer=out_q, input_learned=trace.chained and i > 0, stage=stage)
         except NonFiniteLoss as e:
             unit.module.load_state_dict(snapshot[0])
             if out_q is not None:
@@ -170,7 +181,7 @@ class BlockReconstructor:
             return 'nearest_fallback', torch.zeros(0, 2)
 
     def _reconstruct_unit(self, targets: UnitTargets, i, unit, trace, carry, done_units, bar, logger,
-                          next_unit=None):
+                          next_unit=None, stage=None):
         """One unit: data, optimisation, freeing; returns its record and what the next unit
         may carry forward."""
         cfg = self.cfg
@@ -186,25 +197,52 @@ class BlockReconstructor:
         targets.quantized_stream(done_units)
         status, hist = self._optimise(unit, data, trace, i, bar,
                                       entry_quantizer(next_unit) if next_unit is not None else None, logger,
-                                      targets.calib)
+                                      targets.calib, stage)
         set_quant_state(unit.module, True, True)
         t3 = time.perf_counter()
         for c in (weights or []) + (x_fp or []):
             c.free()  # keep what the next unit may carry forward (x_q, y_fp)
         rec = hist[:, 0]
         record = dict(
-            name=unit.name, kind=unit.label, calls=trace.calls, cache=where, status=status,
+            name=unit.name, kind=unit.label, stage=stage, calls=trace.calls, cache=where, status=status,
             chained=trace.chained, loss_start=float(rec[0]) if len(rec) else None,
             loss_end=float(rec[-50:].mean()) if len(rec) else None,
             round_end=float(hist[-1, 1]) if len(hist) else None,
             capture_s=t1 - t0, fisher_s=t2 - t1, optim_s=t3 - t2,
             history=hist[::max(1, len(hist) // 500)].tolist())
         print_log(
-            f'[{i + 1}] {unit.name} ({unit.label}, {trace.calls} call{"s" * (trace.calls > 1)}'
+            f'[{i + 1}{"" if stage is None else " " + stage}] {unit.name} ({unit.label}, {trace.calls} call{"s" * (trace.calls > 1)}'
             f'{", chained" if trace.chained else ""}) cache {where} | rec loss '
             f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
             f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)
         return record, Carry(unit, x_q, y_fp)
+
+
+#: act_mode -> the passes over the units (None: every stage of a unit before the next unit)
+PASSES = dict(joint=[None], two_stage=[None], two_pass=['weights', 'steps'])
+
+
+def _stage_iters(cfg, stage):
+    """Optimisation steps of one unit in a pass (``None``: all its stages)."""
+    steps = cfg['act_iters'] or cfg['iters']
+    if stage is None:
+        return cfg['iters'] + (steps if cfg['act_mode'] == 'two_stage' else 0)
+    return cfg['iters'] if stage == 'weights' else steps
+
+
+def _key(stage, unit):
+    """A unit's entry in the resume state's ``done`` list (``'steps:layer1.0'`` in the second pass)."""
+    return unit.name if stage is None else f'{stage}:{unit.name}'
+
+
+def _recalibrate_activations(qmodel, calib):
+    """The reference's activation init after its weights pass: the Lp range search again, now
+    with the learned rounding upstream (a folded reparameterised quantizer searches its
+    per-tensor range again)."""
+    for q in quantizers_of(qmodel, 'act'):
+        q.reset_range()
+    set_quant_state(qmodel, True, True)
+    calibrate_activations(qmodel, calib.batches[:1], calib.forward)
 
 
 _ORIGIN = dict(  # which cache is not finite -> where the cause lies

@@ -65,6 +65,9 @@ class UnitTargets:
         always_quantized: quantizers outside every unit (a block's input quantizer in
             layer-wise mode): they quantize in every quantized-stream run, as they will in
             the final model.
+
+    :attr:`act_quant` ``False`` makes the quantized stream weight-only (the weights pass of
+    ``act_mode='two_pass'``: activations float everywhere, as in the reference's first pass).
     """
 
     def __init__(self, model, calib: CalibrationSet, budget: CacheBudget, task_loss, fisher_mode,
@@ -73,6 +76,7 @@ class UnitTargets:
         self.task_loss, self.fisher_mode = task_loss, fisher_mode
         self.always_quantized = list(always_quantized)
         self.fp_outputs = None
+        self.act_quant = True
 
     @classmethod
     def orphans(cls, model, units):
@@ -85,9 +89,9 @@ class UnitTargets:
         (except :attr:`always_quantized`)."""
         set_quant_state(self.model, False, False)
         for q in self.always_quantized:
-            q.enabled = True
+            q.enabled = self.act_quant or q.role == 'weight'
         for u in units:
-            set_quant_state(u.module, True, True)
+            set_quant_state(u.module, True, self.act_quant)
 
     @torch.no_grad()
     def compute_float_outputs(self):
@@ -130,7 +134,7 @@ class UnitTargets:
     @torch.no_grad()
     def _carry(self, unit, src, dst, quantized):
         """``dst = unit(src)`` chunk by chunk along the calibration batches' boundaries."""
-        set_quant_state(unit.module, quantized, quantized)
+        set_quant_state(unit.module, quantized, quantized and self.act_quant)
         for k in range(len(src)):
             for start, stop in self.calib.chunks():
                 dst[k].write(start, unit.forward(src[k].read(start, stop)))
