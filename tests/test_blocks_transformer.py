@@ -204,6 +204,26 @@ def test_export_tool_onnx_matches_onnxruntime(case, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['deit', 'swin'])
+def test_export_tool_integer_checkpoint_holds_attention_quantizers(case, tmp_path):
+    """``--format int``: the attention matmul operands (uniform Q, K, V, log2 softmax) are stored,
+    and a fresh float model loaded from the integer checkpoint computes the quantized logits."""
+    from mmbrecq.engine import save_quantized
+    from mmbrecq.export import load_integer_checkpoint
+    _, model = _quantized(case)
+    ckpt = tmp_path / 'quantized.pth'
+    save_quantized(model, str(ckpt), QCFG)
+    config = _write_ptq_config(case, tmp_path / 'ptq.py')
+    out = tmp_path / 'model_int.pth'
+    assert EXPORT.main([str(config), str(ckpt), '--format', 'int', '--out', str(out)]) == 0
+    stored = torch.load(str(out), map_location='cpu', weights_only=True)['attention']
+    assert len(stored) == CASES[case][3]
+    assert [e['attn_quantizer']['kind'] for e in stored.values()] == ['log2'] * CASES[case][3]
+    loaded = load_integer_checkpoint(EXPORT.build_model(Config.fromfile(str(config))), str(out))
+    x = _images(case, 3, seed=4)
+    assert torch.equal(_tensor(loaded, x), _tensor(model, x))
+
+
+@pytest.mark.parametrize('case', ['deit', 'swin'])
 def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     """``transformer.post_ln=ChannelReparamQuantizer``: per-channel post-LayerNorm scales folded
     into the LayerNorm and the next Linear when calibration ends; the float function unchanged,
