@@ -17,14 +17,15 @@ grid gave before, and the Linear maps the result back to the same float output, 
 quantized model is the per-channel one while its deployment (ONNX QDQ) is per-tensor.
 
 **Shift-free fold** (:meth:`ChannelReparamQuantizer.set_shift_free`): every channel's grid
-shares one zero point ``z``, so ``b = 0`` and only the factor ``r`` is folded. Two pairs need
-it: a Linear without a bias (``W' b`` would need a bias the float model does not have, and
-the exported checkpoints would no longer fit it), and Swin's ``norm1 -> qkv``, whose
-window attention zero-pads the LayerNorm output between the two (a shifted output would
-pad with ``0`` where the float model's padding means ``-b``; with ``b = 0`` the padding is
-exact). Each channel keeps its range: its step grows to ``max(hi_c / (qmax - z),
-lo_c / (qmin - z))``, so a channel whose own zero point was far from ``z`` loses some
-resolution; it is still a per-channel step, deployed per-tensor.
+shares one zero point ``z``, so ``b = 0`` and only the factor ``r`` is folded. Two pairs
+need it: a Linear without a bias (``W' b`` would need a bias the float model does not have,
+and the exported checkpoints would no longer fit it), and Swin's ``norm1 -> qkv``, whose
+window attention zero-pads the LayerNorm output between the two (after a shifted fold a
+padded 0 would stand for the LayerNorm output ``r * b``, not 0, and the padded tokens' keys
+and values would change; with ``b = 0`` a padded 0 still means 0). Each channel keeps its
+range: its step grows to ``max(hi_c / (qmax - z), lo_c / (qmin - z))``, so a channel whose
+own zero point was far from ``z`` loses some resolution; it is still a per-channel step,
+deployed per-tensor.
 """
 import torch
 
@@ -88,7 +89,7 @@ class ChannelReparamQuantizer(LSQQuantizer):
 
     def _set_channel_grid(self, lo, hi):
         scale, zp = qparams_from_range(lo, hi, self.qmin, self.qmax, self.symmetric)
-        if self.shift_free:
+        if self.shift_free and not self.symmetric:  # (a symmetric grid's zero point is shared already)
             scale, zp = self._shared_zero_point(zp, lo.clamp_max(0), hi.clamp_min(0))
         self.channel_qparams = (scale, zp)
         self.load_qparams(scale.mean(), zp.mean().round())
