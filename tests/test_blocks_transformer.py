@@ -204,6 +204,26 @@ def test_export_tool_onnx_matches_onnxruntime(case, tmp_path):
 
 
 @pytest.mark.parametrize('case', ['deit', 'swin'])
+def test_export_tool_integer_checkpoint_holds_attention_quantizers(case, tmp_path):
+    """``--format int``: the attention matmul operands (uniform Q, K, V, log2 softmax) are stored,
+    and a fresh float model loaded from the integer checkpoint computes the quantized logits."""
+    from mmbrecq.engine import save_quantized
+    from mmbrecq.export import load_integer_checkpoint
+    _, model = _quantized(case)
+    ckpt = tmp_path / 'quantized.pth'
+    save_quantized(model, str(ckpt), QCFG)
+    config = _write_ptq_config(case, tmp_path / 'ptq.py')
+    out = tmp_path / 'model_int.pth'
+    assert EXPORT.main([str(config), str(ckpt), '--format', 'int', '--out', str(out)]) == 0
+    stored = torch.load(str(out), map_location='cpu', weights_only=True)['attention']
+    assert len(stored) == CASES[case][3]
+    assert [e['attn_quantizer']['kind'] for e in stored.values()] == ['log2'] * CASES[case][3]
+    loaded = load_integer_checkpoint(EXPORT.build_model(Config.fromfile(str(config))), str(out))
+    x = _images(case, 3, seed=4)
+    assert torch.equal(_tensor(loaded, x), _tensor(model, x))
+
+
+@pytest.mark.parametrize('case', ['deit', 'swin'])
 def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     """``transformer.post_ln=ChannelReparamQuantizer``: per-channel post-LayerNorm scales folded
     into the LayerNorm and the next Linear when calibration ends; the float function unchanged,
@@ -214,7 +234,7 @@ def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     float_model, model = _quantized(case, qcfg)
     reparam = [m for m in model.modules() if isinstance(m, ChannelReparamQuantizer)]
     n = CASES[case][3]
-    assert len(reparam) == (n if case == 'swin' else 2 * n)  # Swin: norm2 -> fc1 only (window padding)
+    assert len(reparam) == 2 * n  # ln1/norm1 -> qkv and ln2/norm2 -> fc1 of every layer
     assert all(q.folded and q.scale.shape == () for q in reparam)
     x = _images(case, 3, seed=4)
     ref = _tensor(float_model, x)
@@ -226,6 +246,54 @@ def test_post_ln_reparam_folded_at_calibration(case, tmp_path):
     sess = onnxruntime_session(path, threads=1)
     got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     assert (got - _tensor(model, x)).abs().max() <= 1e-2 * ref.abs().max()
+
+
+def _swin_reparam(unit, shift_norm1=False):
+    """The small Swin with ``post_ln=ChannelReparamQuantizer``, calibrated on 56x56 images:
+    14x14 and 7x7 maps, which the window attention pads to multiples of its 4x4 windows."""
+    from mmbrecq.blocks import transformer as rules
+    float_model = _build('swin')
+    qcfg = dict(QCFG, transformer=dict(unit=unit, post_ln=dict(type='ChannelReparamQuantizer', init='minmax')))
+    model = mmbrecq.quantize_model(copy.deepcopy(float_model), qcfg)
+    if shift_norm1:  # what a plain fold of norm1 would be (the control: padding breaks it)
+        for m in model.modules():
+            if isinstance(m, rules._types(rules.SWIN_BLOCK)):
+                rules.record_post_ln_pair(m, 'norm1', rules.SWIN_QKV, shift=True)
+    x = torch.randn(8, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    mmbrecq.calibrate_activations(model, [x], lambda m, b: m(b, mode='tensor'))
+    return float_model, model
+
+
+@pytest.mark.parametrize('unit', ['layer', 'halves'])
+def test_swin_norm1_folded_without_shift_keeps_padding_exact(unit):
+    """Swin's first LayerNorm feeds ``w_msa.qkv`` through the window padding: it is folded
+    (per-channel scale into ``norm1`` and ``qkv``) without a shift, so the padded zeros still
+    mean zero and quantization off gives the float model's logits (to float rounding)."""
+    float_model, model = _swin_reparam(unit)
+    x = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(4))
+    blocks = [(n, m) for n, m in model.named_modules() if type(m).__name__ == 'SwinBlock']
+    float_mods = dict(float_model.named_modules())
+    assert len(blocks) == CASES['swin'][3]
+    for name, block in blocks:
+        q = block.attn.w_msa.qkv.input_quantizer
+        assert q.folded and q.shift_free and q.scale.shape == () and q.zero_point.shape == ()
+        ref_norm, ref_qkv = float_mods[f'{name}.norm1'], float_mods[f'{name}.attn.w_msa.qkv']
+        assert not torch.equal(block.norm1.weight, ref_norm.weight)  # folded
+        assert torch.equal(block.attn.w_msa.qkv.bias, ref_qkv.bias)  # no shift: bias untouched
+        # the fold moves a per-channel factor only: gamma * W (and beta * W) per input channel unchanged
+        torch.testing.assert_close(block.norm1.weight * block.attn.w_msa.qkv.weight,
+                                   ref_norm.weight * ref_qkv.weight, rtol=1e-5, atol=1e-6)
+    ref = _tensor(float_model, x)
+    quantized = _tensor(model, x)
+    set_quant_state(model, False, False)
+    torch.testing.assert_close(_tensor(model, x), ref, atol=1e-4 * float(ref.abs().max()), rtol=1e-4)
+    set_quant_state(model, True, True)
+    assert torch.equal(_tensor(model, x), quantized)
+
+    # the control: with a shifted fold of norm1 the padded tokens change, and so do the logits
+    _, shifted = _swin_reparam(unit, shift_norm1=True)
+    set_quant_state(shifted, False, False)
+    assert (_tensor(shifted, x) - ref).abs().max() > 1e-2 * ref.abs().max()
 
 
 @pytest.mark.parametrize('case', ['vit', 'swin'])

@@ -4,12 +4,15 @@ The model is an mmpretrain ResNet-18 quantized W4A4 (first/last layer 8-bit), ca
 a 32x32 batch, with every other weight quantizer switched to hard AdaRound rounding with
 random ``alpha`` (so the exported integers are not plain nearest rounding of the weights).
 """
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import mmbrecq
 from mmbrecq.engine import save_quantized
+from mmbrecq.engine.demo import tensor_forward
 from mmbrecq.export import (
     bake_float_checkpoint,
     load_integer_checkpoint,
@@ -99,7 +102,7 @@ def test_round_trip_is_bit_exact(qmodel, int_ckpt, x):
 
 def test_contents_bits_and_packing(qmodel, int_ckpt):
     ckpt = torch.load(int_ckpt, map_location='cpu', weights_only=True)  # tensors and builtins only
-    assert ckpt['format'] == 'mmbrecq.int.v1'
+    assert ckpt['format'] == 'mmbrecq.int.v2' and ckpt['attention'] == {}
     assert ckpt['quant_cfg'] == QCFG
     layers = {n: m for n, m in qmodel.named_modules() if isinstance(m, QuantLayerMixin)}
     assert list(ckpt['layers']) == list(layers)
@@ -260,3 +263,120 @@ def test_quantizers_untouched_by_export(qmodel, x):
     bake_float_checkpoint(qmodel, _build())
     assert torch.equal(_tensor(qmodel, x), ref)
     assert all(q.enabled for q in quantizers_of(qmodel))
+
+
+# ---------------------------------------------------------------------------------------
+# a quantized ViT: the attention matmul operand quantizers (uniform Q, K, V; log2 softmax)
+# ---------------------------------------------------------------------------------------
+VIT_QCFG = dict(FAST_QCFG)  # quant_cfg.transformer defaults: halves, log-sqrt2 softmax
+VIT_REPARAM_QCFG = dict(FAST_QCFG, transformer=dict(post_ln=dict(type='ChannelReparamQuantizer', init='minmax')))
+
+
+@pytest.fixture(scope='module')
+def digits_vit():
+    """The committed digits ViT (4 layers) and two batches of 16 preprocessed training images."""
+    import os
+
+    from mmbrecq.engine.demo import DIGITS_MODELS, load_float_model, preprocessed_batches
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:
+        cfg, model = load_float_model(*DIGITS_MODELS['vit'])
+        batches = preprocessed_batches(cfg, model, 'train', 32, 16, seed=0)
+    finally:
+        os.chdir(cwd)
+    return cfg, model, batches
+
+
+def _vit_quantized(digits_vit, qcfg):
+    """The digits ViT calibrated at ``qcfg``, every other layer in hard rounding with random alpha."""
+    _, model, batches = digits_vit
+    qmodel = mmbrecq.quantize_model(copy.deepcopy(model), qcfg)
+    mmbrecq.calibrate_activations(qmodel, batches[:1], tensor_forward)
+    g = torch.Generator().manual_seed(11)
+    for layer in [m for m in qmodel.modules() if isinstance(m, QuantLayerMixin)][1::2]:
+        q = layer.weight_quantizer
+        q.set_rounding('soft', layer.weight)
+        with torch.no_grad():
+            q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
+        q.set_rounding('hard')
+    return qmodel
+
+
+def _fresh_vit(digits_vit, seed=5):
+    """The same architecture with other (random) weights: everything must come from the checkpoint."""
+    from mmengine.registry import DefaultScope
+    from mmpretrain.registry import MODELS
+    cfg = digits_vit[0]
+    torch.manual_seed(seed)
+    with DefaultScope.overwrite_default_scope('mmpretrain'):
+        return MODELS.build(cfg.model).eval()
+
+
+@pytest.mark.parametrize('qcfg', [VIT_QCFG, VIT_REPARAM_QCFG], ids=['default', 'post_ln_reparam'])
+def test_vit_round_trip_with_attention_quantizers(digits_vit, qcfg, tmp_path):
+    from mmbrecq.modules.quant_attention import MATMUL_QUANTIZERS
+    from mmbrecq.quantizers import ChannelReparamQuantizer, Log2Quantizer
+    qmodel = _vit_quantized(digits_vit, qcfg)
+    x = digits_vit[2][1]
+    ref = tensor_forward(qmodel, x)
+    path = save_integer_checkpoint(qmodel, qcfg, str(tmp_path / 'vit_int.pth'))
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    attn_names = [n for n, m in qmodel.named_modules() if hasattr(m, 'attach_matmul_quantizers')]
+    assert len(attn_names) == 4 and list(ckpt['attention']) == attn_names
+    for name in attn_names:
+        entries = ckpt['attention'][name]
+        assert list(entries) == list(MATMUL_QUANTIZERS)
+        assert ckpt['bits'][name] == {a: 4 for a in MATMUL_QUANTIZERS}
+        src = qmodel.get_submodule(name)
+        for attr, e in entries.items():
+            q = getattr(src, attr)
+            assert torch.equal(e['scale'], q.scale.detach()) and e['bits'] == q.bits
+            if attr == 'attn_quantizer':  # the softmax output: log2 grid, its delta and base
+                assert isinstance(q, Log2Quantizer)
+                assert (e['type'], e['kind'], e['base'], e['qmin'], e['qmax']) == ('Log2Quantizer', 'log2',
+                                                                                   'sqrt2', 0, 15)
+            else:
+                assert e['kind'] == 'uniform' and e['type'] == 'LSQQuantizer' and 'base' not in e
+    reparam = [n for n, e in ckpt['layers'].items() if e['input'] is not None and e['input'].get('folded')]
+    assert len(reparam) == (8 if qcfg is VIT_REPARAM_QCFG else 0)  # ln1 -> qkv, ln2 -> fc1 of 4 layers
+
+    loaded = load_integer_checkpoint(_fresh_vit(digits_vit), path)
+    assert torch.equal(tensor_forward(loaded, x), ref)
+    for name in attn_names:
+        for attr in MATMUL_QUANTIZERS:
+            a, b = getattr(loaded.get_submodule(name), attr), getattr(qmodel.get_submodule(name), attr)
+            assert type(a) is type(b) and torch.equal(a.scale, b.scale) and a.enabled == b.enabled
+    folded = [m for m in loaded.modules() if isinstance(m, ChannelReparamQuantizer)]
+    assert all(q.folded and not q.pending_fold for q in folded) and len(folded) == len(reparam)
+    again = to_integer_checkpoint(loaded, qcfg)
+    for name in attn_names:
+        for attr, e in again['attention'][name].items():
+            assert torch.equal(e['scale'], ckpt['attention'][name][attr]['scale'])
+
+
+def test_vit_attention_errors(digits_vit):
+    qmodel = _vit_quantized(digits_vit, VIT_QCFG)
+    ckpt = to_integer_checkpoint(qmodel, VIT_QCFG)
+    # a checkpoint of another softmax quantizer than the model's
+    other = dict(VIT_QCFG, transformer=dict(softmax=dict(type='Log2Quantizer', base='2')))
+    with pytest.raises(ValueError, match=r'attn_quantizer: a log2 quantizer \(Log2Quantizer, base sqrt2\)'):
+        load_integer_checkpoint(_fresh_vit(digits_vit), ckpt, quant_cfg=other)
+    # a v1-style checkpoint (no attention entries) does not fit a model with attention quantizers
+    v1 = dict(ckpt, format='mmbrecq.int.v1')
+    v1.pop('attention')
+    with pytest.raises(ValueError, match='attention matmul quantizers differ'):
+        load_integer_checkpoint(_fresh_vit(digits_vit), v1)
+    # a quantizer type the checkpoint cannot describe is named with its module
+    from mmbrecq.quantizers import Log2Quantizer
+
+    class OddQuantizer(Log2Quantizer):
+        pass
+
+    attn = qmodel.backbone.layers[0].attn
+    odd = OddQuantizer(bits=4)
+    odd.load_qparams(attn.attn_quantizer.scale.detach(), attn.attn_quantizer.zero_point)
+    attn.attn_quantizer = odd
+    with pytest.raises(NotImplementedError, match=r'backbone.layers.0.attn.attn_quantizer: OddQuantizer'):
+        to_integer_checkpoint(qmodel, VIT_QCFG)

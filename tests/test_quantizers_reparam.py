@@ -103,3 +103,35 @@ def test_layernorm_without_affine_is_an_error():
         _calibrate(linear.input_quantizer, ln(_x()))
     with pytest.raises(ValueError, match='no affine'):
         fold_post_ln_pair(nn.LayerNorm(16, elementwise_affine=False), linear, 'blocks.0.ln1 -> blocks.0.fc')
+
+
+@pytest.mark.parametrize('when', ['before calibration', 'after calibration'])
+def test_shift_free_grid_shares_one_zero_point_and_keeps_every_range(when):
+    """``set_shift_free``: one zero point for every channel (so the fold has no shift), each
+    channel's calibrated range still inside its grid."""
+    ln, linear = _ln_linear()
+    y = ln(_x()).detach()
+    q = linear.input_quantizer
+    ref = copy.deepcopy(q)
+    _calibrate(ref, y)
+    if when == 'before calibration':
+        q.set_shift_free()
+        _calibrate(q, y)
+    else:
+        _calibrate(q, y)
+        q.set_shift_free()
+    scale, zp = q.channel_qparams
+    ref_scale, ref_zp = ref.channel_qparams
+    assert len(set(zp.tolist())) == 1 and len(set(ref_zp.tolist())) > 1
+    lo, hi = (q.qmin - zp) * scale, (q.qmax - zp) * scale
+    if when == 'before calibration':  # the calibrated (min-max) range of every channel
+        want_lo, want_hi = y.amin((0, 1)).clamp_max(0), y.amax((0, 1)).clamp_min(0)
+    else:  # redrawn around the per-channel grid calibration had drawn
+        want_lo, want_hi = (q.qmin - ref_zp) * ref_scale, (q.qmax - ref_zp) * ref_scale
+    assert (lo <= want_lo + 1e-5).all() and (hi >= want_hi - 1e-5).all()
+    assert (scale >= ref_scale * (1 - 1e-6)).all()  # a shared zero point only widens steps
+    assert (scale.max() / scale.min()) > 5  # still per channel
+    r, b = q.fold_to_per_tensor()
+    assert torch.equal(b, torch.zeros_like(b)) and float(q.zero_point) == float(zp[0])
+    with pytest.raises(RuntimeError, match='already folded'):
+        q.set_shift_free()

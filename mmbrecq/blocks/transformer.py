@@ -74,14 +74,21 @@ def _first_linear(module: nn.Module):
     return next((n for n, m in module.named_modules() if isinstance(m, nn.Linear)), None)
 
 
+#: Swin's first LayerNorm feeds this Linear (through the window partition)
+SWIN_QKV = 'attn.w_msa.qkv'
+
+
 def _record_post_ln_pairs(layer: nn.Module):
     """LayerNorm -> Linear pairs of an encoder layer whose LayerNorm output feeds only that
-    Linear, for the post-LayerNorm scale reparameterisation: ``ln1 -> attn.qkv`` (ViT) and
-    ``ln2``/``norm2`` -> the MLP's first Linear. Swin's ``norm1`` is left out: its window
-    attention zero-pads feature maps that are not a multiple of the window, and a shifted
-    LayerNorm output would no longer be zero there."""
+    Linear, for the post-LayerNorm scale reparameterisation: ``ln1 -> attn.qkv`` (ViT),
+    ``norm1 -> attn.w_msa.qkv`` (Swin) and ``ln2``/``norm2`` -> the MLP's first Linear. Swin's
+    window attention zero-pads feature maps that are not a multiple of the window between
+    ``norm1`` and ``qkv``, so that pair folds without a shift (a shifted LayerNorm output
+    would pad with the wrong value; see :mod:`mmbrecq.quantizers.reparam`)."""
     if isinstance(layer, _types(VIT_LAYER)):
         record_post_ln_pair(layer, 'ln1', 'attn.qkv')
+    elif isinstance(layer, _types(SWIN_BLOCK)):
+        record_post_ln_pair(layer, 'norm1', SWIN_QKV, shift=False)
     ffn = getattr(layer, 'ffn', None)
     norm2 = 'ln2' if 'ln2' in layer._modules else 'norm2'
     fc1 = _first_linear(ffn) if ffn is not None else None
@@ -129,8 +136,9 @@ class _TransformerRule(BlockRule):
                 m.attach_matmul_quantizers([make_act(kind) for kind in MATMUL_KINDS])
 
     def input_kind(self, block, layer_name):
-        if layer_name == 'attn.qkv' and isinstance(block, _types(VIT_LAYER)):
-            return 'post_ln'  # (Swin's qkv: see _record_post_ln_pairs)
+        if (layer_name == 'attn.qkv' and isinstance(block, _types(VIT_LAYER))
+                or layer_name == SWIN_QKV and isinstance(block, _types(SWIN_BLOCK))):
+            return 'post_ln'
         ffn = getattr(block, 'ffn', None)
         return None if ffn is None else _mlp_input_kind(ffn, layer_name, 'ffn.')
 
@@ -171,7 +179,7 @@ class TransformerAttentionHalfRule(_TransformerRule):
         return _swap_attention(module)
 
     def input_kind(self, block, layer_name):
-        return 'post_ln' if layer_name == 'qkv' else None  # ViT's attention (Swin's has w_msa.qkv)
+        return 'post_ln' if layer_name in ('qkv', SWIN_QKV.partition('.')[2]) else None  # ViT's, Swin's
 
 
 @BLOCK_RULES.register_module()

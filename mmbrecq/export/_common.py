@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from mmbrecq.modules import QuantLayerMixin
+from mmbrecq.modules.quant_attention import MATMUL_QUANTIZERS, QuantMatmulMixin
 from mmbrecq.quantizers import UniformQuantizer
 
 
@@ -30,6 +31,18 @@ def block_input_quantizers(model: nn.Module):
         owner, _, attr = name.rpartition('.')
         if attr == 'input_quantizer' and owner not in layers:
             out[owner] = q
+    return out
+
+
+def matmul_quantizers(model: nn.Module):
+    """``{attention module name: {operand quantizer attribute: quantizer}}`` of every quantized
+    attention twin (the operands of ``Q.K^T`` and ``softmax.V``; ``None`` operands left out)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantMatmulMixin):
+            qs = {attr: getattr(m, attr) for attr in MATMUL_QUANTIZERS if getattr(m, attr, None) is not None}
+            if qs:
+                out[name] = qs
     return out
 
 

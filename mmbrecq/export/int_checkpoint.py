@@ -1,11 +1,13 @@
 """Integer checkpoint of a quantized model, and a float checkpoint with the quantized weights baked in.
 
-Integer checkpoint (``format='mmbrecq.int.v1'``), a plain dict of tensors, numbers,
-strings, lists and dicts (``torch.load(path, weights_only=True)`` reads it)::
+Integer checkpoint (``format='mmbrecq.int.v2'``; ``v1`` files, which have no ``attention``,
+still load), a plain dict of tensors, numbers, strings, lists and dicts
+(``torch.load(path, weights_only=True)`` reads it)::
 
     format, mmbrecq_version
     quant_cfg      the quant_cfg the model was swapped with (plain dicts/lists)
-    bits           {layer: {'weight': w_bits, 'input': a_bits or None}, block: {'input': a_bits}}
+    bits           {layer: {'weight': w_bits, 'input': a_bits or None}, block: {'input': a_bits},
+                    attention module: {operand quantizer: bits}}
     layers         {layer name: {
                        'type': 'QuantConv2d' | 'QuantLinear',
                        'weight': {bits, qmin, qmax, ch_axis, shape, scale (C,) float,
@@ -13,9 +15,21 @@ strings, lists and dicts (``torch.load(path, weights_only=True)`` reads it)::
                        'bias': float tensor or None,        # after BN folding
                        'input': activation entry or None}}  # the layer's own input quantizer
     block_inputs   {block name: activation entry}           # quantizers applied to a block's input
-    float_state    every other entry of the model's state dict (unquantized layers, ...)
+    attention      {attention module name: {'q_quantizer' | 'k_quantizer' | 'attn_quantizer' |
+                    'v_quantizer': activation entry}}       # operands of Q.K^T and softmax.V
+    float_state    every other entry of the model's state dict (unquantized layers, LayerNorms, ...)
 
-    activation entry: {type, bits, qmin, qmax, scale () float, zero_point () int32, enabled, initialized}
+    activation entry: {type, kind, bits, qmin, qmax, scale () float, zero_point () int32, enabled,
+                       initialized[, base][, folded]}
+
+``kind`` says what the numbers mean. ``'uniform'``: ``x = (q - zero_point) * scale`` for
+codes ``q`` in ``[qmin, qmax]``. ``'log2'`` (the softmax output's :class:`Log2Quantizer`):
+``x = scale * 2^(-q / k)`` for codes ``q`` in ``[0, qmax)`` and ``x = 0`` for ``q = qmax``,
+with ``k = 2`` for ``base='sqrt2'`` and ``k = 1`` for ``base='2'`` (``scale`` is the grid's top
+value ``delta``; ``zero_point`` is 0 and unused). ``folded`` (a post-LayerNorm
+``ChannelReparamQuantizer``): its per-channel scales were folded into the LayerNorm (in
+``float_state``) and the Linear (its codes and bias), so the entry is an ordinary per-tensor
+grid. A quantizer of another type has no entry kind: exporting it is an error that names it.
 
 Weight codes are the quantizer's own integers ``q`` in ``[qmin, qmax]`` (no shift), so
 ``w = (q - zero_point[c]) * scale[c]`` along ``ch_axis``. Containers: ``uint8`` for unsigned
@@ -41,12 +55,14 @@ from torch import nn
 from mmbrecq.mixed_precision.bits import apply_bit_map
 from mmbrecq.modules import QuantConfig, fold_bn, quantize_model
 from mmbrecq.modules.bn_fold import adjacent_children
+from mmbrecq.quantizers import ChannelReparamQuantizer, Log2Quantizer, LSQQuantizer, UniformQuantizer
 from mmbrecq.utils import atomic_save, load_checkpoint_file
 from mmbrecq.version import __version__
 
 from ._common import (
     act_quantizers,
     block_input_quantizers,
+    matmul_quantizers,
     quant_layers,
     quantizer_names,
     require_ready,
@@ -54,7 +70,12 @@ from ._common import (
     weight_codes,
 )
 
-FORMAT = 'mmbrecq.int.v1'
+FORMAT = 'mmbrecq.int.v2'
+#: formats this version reads (v1: no attention matmul quantizers)
+READABLE_FORMATS = ('mmbrecq.int.v1', FORMAT)
+#: activation quantizer types the checkpoint can describe, and the ``kind`` of their numbers
+ACT_KINDS = {UniformQuantizer: 'uniform', LSQQuantizer: 'uniform', ChannelReparamQuantizer: 'uniform',
+             Log2Quantizer: 'log2'}
 
 
 # ---------------------------------------------------------------------------------------
@@ -115,13 +136,25 @@ def _plain(obj, key='quant_cfg'):
 
 
 def _act_entry(name, q):
+    kind = ACT_KINDS.get(type(q))
+    if kind is None:
+        raise NotImplementedError(f'{name}: {type(q).__name__} has no integer checkpoint entry (supported: '
+                                  f'{sorted(t.__name__ for t in ACT_KINDS)})')
     if q.enabled:  # a disabled one may never have been calibrated: kept as it is
         require_ready(name, q)
     if q.ch_axis is not None:
         raise NotImplementedError(f'{name}: per-channel activation quantizers are not exportable')
-    return dict(type=type(q).__name__, bits=q.bits, qmin=q.qmin, qmax=q.qmax,
-                scale=q.scale.detach().cpu().clone(), zero_point=q.zero_point.detach().cpu().to(torch.int32),
-                enabled=bool(q.enabled), initialized=bool(q.initialized))
+    if getattr(q, 'pending_fold', False):
+        raise ValueError(f'{name}: {type(q).__name__} is calibrated per channel and not folded yet; '
+                         'mmbrecq.calibrate_activations folds it when calibration ends')
+    entry = dict(type=type(q).__name__, kind=kind, bits=q.bits, qmin=q.qmin, qmax=q.qmax,
+                 scale=q.scale.detach().cpu().clone(), zero_point=q.zero_point.detach().cpu().to(torch.int32),
+                 enabled=bool(q.enabled), initialized=bool(q.initialized))
+    if kind == 'log2':
+        entry['base'] = q.base
+    if isinstance(q, ChannelReparamQuantizer):
+        entry['folded'] = bool(q.folded)
+    return entry
 
 
 def _weight_entry(name, layer, pack):
@@ -153,10 +186,13 @@ def to_integer_checkpoint(qmodel: nn.Module, quant_cfg, pack: bool = True) -> di
                          'swap it with mmbrecq.quantize_model first')
     layer_names = {n for n, _ in layers}
     blocks = block_input_quantizers(qmodel)
+    matmuls = matmul_quantizers(qmodel)
     known = {id(q) for q in blocks.values()} | {id(m.input_quantizer) for _, m in layers}
-    stray = [n for n, q in act_quantizers(qmodel) if id(q) not in known]
+    known |= {id(q) for qs in matmuls.values() for q in qs.values()}
+    stray = [f'{n} ({type(q).__name__})' for n, q in act_quantizers(qmodel) if id(q) not in known]
     if stray:
-        raise NotImplementedError(f'quantizers outside layer and block inputs cannot be exported: {stray[:5]}')
+        raise NotImplementedError('quantizers outside layer inputs, block inputs and attention matmul operands '
+                                  f'cannot be exported: {stray[:5]}')
 
     out_layers, bits = OrderedDict(), OrderedDict()
     for name, layer in layers:
@@ -171,6 +207,10 @@ def to_integer_checkpoint(qmodel: nn.Module, quant_cfg, pack: bool = True) -> di
     for name, q in blocks.items():
         out_blocks[name] = _act_entry(f'{name}.input_quantizer', q)
         bits[name] = dict(input=q.bits)
+    out_attention = OrderedDict()
+    for name, qs in matmuls.items():
+        out_attention[name] = {attr: _act_entry(f'{name}.{attr}', q) for attr, q in qs.items()}
+        bits[name] = {attr: q.bits for attr, q in qs.items()}
 
     skip = quantizer_names(qmodel)
     float_state = OrderedDict()
@@ -179,7 +219,8 @@ def to_integer_checkpoint(qmodel: nn.Module, quant_cfg, pack: bool = True) -> di
             continue
         float_state[k] = v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v
     return dict(format=FORMAT, mmbrecq_version=__version__, quant_cfg=_plain(quant_cfg),
-                bits=bits, layers=out_layers, block_inputs=out_blocks, float_state=float_state)
+                bits=bits, layers=out_layers, block_inputs=out_blocks, attention=out_attention,
+                float_state=float_state)
 
 
 def save_integer_checkpoint(qmodel: nn.Module, quant_cfg, path: str, pack: bool = True) -> str:
@@ -195,9 +236,10 @@ def read_integer_checkpoint(path) -> dict:
     if not osp.isfile(path):
         raise FileNotFoundError(f'integer checkpoint {path!r} does not exist')
     ckpt = load_checkpoint_file(path, what='integer checkpoint')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != FORMAT:
+    if not isinstance(ckpt, dict) or ckpt.get('format') not in READABLE_FORMATS:
         fmt = ckpt.get('format') if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(f'{path} is not an mmbrecq integer checkpoint (format={fmt!r}, expected {FORMAT!r})')
+        raise ValueError(f'{path} is not an mmbrecq integer checkpoint (format={fmt!r}, expected one of '
+                         f'{READABLE_FORMATS})')
     return ckpt
 
 
@@ -217,10 +259,17 @@ def _fill_act(name, q, entry, device):
         raise ValueError(f'{name}: {"no" if q is None else "an"} input quantizer in the model, '
                          f'{"none" if entry is None else "one"} in the checkpoint (another quant_cfg?)')
     if q is not None:
+        kind = ACT_KINDS.get(type(q))
+        if entry.get('kind', 'uniform') != kind or entry.get('base') != getattr(q, 'base', None):
+            raise ValueError(f'{name}: a {entry.get("kind", "uniform")} quantizer ({entry["type"]}'
+                             f'{", base " + entry["base"] if "base" in entry else ""}) in the checkpoint, '
+                             f'{type(q).__name__} in the model (another quant_cfg?)')
         _fill_grid(name, q, entry, device)
         q.enabled = entry['enabled']
         if not entry['initialized']:
             q.reset_range()
+        if 'folded' in entry:  # its per-channel scales live in the LayerNorm and the Linear
+            q.set_extra_state(dict(q.get_extra_state(), folded=entry['folded']))
 
 
 def _is_layer_param(key, layers):
@@ -255,6 +304,10 @@ def load_integer_checkpoint(float_model: nn.Module, path, quant_cfg=None) -> nn.
     blocks = block_input_quantizers(model)
     _check_same('quantized layers', layers, ckpt['layers'])
     _check_same('block input quantizers', blocks, ckpt['block_inputs'])
+    matmuls = matmul_quantizers(model)
+    stored = ckpt.get('attention', {})  # v1: none
+    _check_same('attention matmul quantizers', [f'{n}.{a}' for n, qs in matmuls.items() for a in qs],
+                [f'{n}.{a}' for n, qs in stored.items() for a in qs])
     if (ckpt['quant_cfg'] or {}).get('mixed_precision') is not None:
         # searched per-layer bits: they come from the checkpoint, not from quant_cfg (for a
         # uniform checkpoint a quant_cfg with other bits stays an error, checked per layer)
@@ -291,6 +344,9 @@ def load_integer_checkpoint(float_model: nn.Module, path, quant_cfg=None) -> nn.
         _fill_act(f'{name}.input_quantizer', layer.input_quantizer, entry['input'], device)
     for name, q in blocks.items():
         _fill_act(f'{name}.input_quantizer', q, ckpt['block_inputs'][name], device)
+    for name, qs in matmuls.items():
+        for attr, q in qs.items():
+            _fill_act(f'{name}.{attr}', q, stored[name][attr], device)
     return model
 
 
@@ -403,6 +459,6 @@ def _like_float_model(sd, float_keys):
 
 
 __all__ = [
-    'FORMAT', 'to_integer_checkpoint', 'save_integer_checkpoint', 'read_integer_checkpoint',
+    'FORMAT', 'READABLE_FORMATS', 'to_integer_checkpoint', 'save_integer_checkpoint', 'read_integer_checkpoint',
     'load_integer_checkpoint', 'bake_float_checkpoint', 'pack_nibbles', 'unpack_nibbles'
 ]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mmbrecq.modules import quantizers_of
-from mmbrecq.modules.reparam import fold_post_ln_scales
+from mmbrecq.modules.reparam import fold_post_ln_scales, plan_post_ln_folds
 from mmbrecq.utils.batch import batch_size
 from mmbrecq.utils.dist import ShardReducer
 
@@ -53,6 +53,7 @@ def calibrate_activations(model: nn.Module, batches, forward=None):
     each one sees inputs already quantized upstream (as at inference).
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
     """
+    plan_post_ln_folds(model)  # pairs folded without a shift calibrate shift-free grids
     acts = [q for q in quantizers_of(model, 'act') if q.enabled and not q.initialized]
     try:
         for batch in batches:
