@@ -16,8 +16,8 @@ import json
 import time
 
 import torch
-
 from _seeds import cell, verdict
+
 from mmbrecq.engine.demo import DIGITS_MODELS, digits_benchmark_setup, top1_and_kl
 
 

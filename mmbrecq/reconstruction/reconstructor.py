@@ -211,7 +211,8 @@ class BlockReconstructor:
             capture_s=t1 - t0, fisher_s=t2 - t1, optim_s=t3 - t2,
             history=hist[::max(1, len(hist) // 500)].tolist())
         print_log(
-            f'[{i + 1}{"" if stage is None else " " + stage}] {unit.name} ({unit.label}, {trace.calls} call{"s" * (trace.calls > 1)}'
+            f'[{i + 1}{"" if stage is None else " " + stage}] {unit.name} ({unit.label}, '
+            f'{trace.calls} call{"s" * (trace.calls > 1)}'
             f'{", chained" if trace.chained else ""}) cache {where} | rec loss '
             f'{record["loss_start"] or 0:.4g} -> {record["loss_end"] or 0:.4g}, round {record["round_end"] or 0:.4g}'
             f' | capture {t1 - t0:.1f}s fisher {t2 - t1:.1f}s optim {t3 - t2:.1f}s | {status}', logger)
