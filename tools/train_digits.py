@@ -3,6 +3,7 @@
     python tools/train_digits.py                        # ResNet-18, ~2 min on 2 CPU cores
     python tools/train_digits.py --model mobilenet_v3   # checkpoints/digits_mobilenet_v3_float.pth
     python tools/train_digits.py --model vit            # checkpoints/digits_vit_float.pth
+    python tools/train_digits.py --model resnet18_narrow  # checkpoints/digits_resnet18_narrow_float.pth
     python tools/train_digits.py --epochs 5 --out /tmp/quick.pth
 
 Writes a stripped checkpoint (``state_dict`` + ``meta``, no optimizer / message hub) that
@@ -27,6 +28,8 @@ MODELS = dict(
     mobilenet_v3=('digits_mobilenet_v3_float.py', 'work_dirs/digits_mobilenet_v3_float',
                   'checkpoints/digits_mobilenet_v3_float.pth'),
     vit=('digits_vit_float.py', 'work_dirs/digits_vit_float', 'checkpoints/digits_vit_float.pth'),
+    resnet18_narrow=('digits_resnet18_narrow_float.py', 'work_dirs/digits_resnet18_narrow_float',
+                     'checkpoints/digits_resnet18_narrow_float.pth'),
 )
 DEFAULT_CONFIG = osp.join(CONFIG_DIR, MODELS['resnet18'][0])
 

@@ -24,6 +24,7 @@ DIGITS_MODELS = dict(
     resnet18=(DIGITS_CONFIG, DIGITS_CHECKPOINT),
     mobilenet_v3=('configs/_base_/digits_mobilenet_v3_float.py', 'checkpoints/digits_mobilenet_v3_float.pth'),
     vit=('configs/_base_/digits_vit_float.py', 'checkpoints/digits_vit_float.pth'),
+    resnet18_narrow=('configs/_base_/digits_resnet18_narrow_float.py', 'checkpoints/digits_resnet18_narrow_float.pth'),
 )
 
 
