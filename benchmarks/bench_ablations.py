@@ -102,7 +102,15 @@ def main():
     p.add_argument('--num-samples', type=int, default=256)
     p.add_argument('--variants', nargs='+', default=None, help='default: all')
     p.add_argument('--json', help='also write the rows to this file (rewritten after every run)')
+    p.add_argument('--tables-from', nargs='+', metavar='JSON',
+                   help='print the table of saved runs (several --json files, e.g. one per seed) and exit')
     args = p.parse_args()
+    if args.tables_from:
+        rows = [r for path in args.tables_from for r in json.load(open(path))['rows']]
+        settings = list(dict.fromkeys(r['setting'] for r in rows))
+        print(f'seeds {sorted({r["seed"] for r in rows})} (mean ± half range; tie/better/worse vs default)\n')
+        print(table(rows, settings, list(dict.fromkeys(r['variant'] for r in rows))))
+        return
 
     from mmbrecq.modules import quantizable_layers
     rows = []
