@@ -46,6 +46,8 @@ def variants(first, after_first, last, a_bits):
         # QDrop: probability of keeping the quantized value, and with the QDrop code's MSE loss
         'qdrop': ({}, dict(input_mix='qdrop'), 64),
         'qdrop_p0.75': ({}, dict(input_mix='qdrop', qdrop_prob=0.75), 64),
+        'qdrop_input_only': ({}, dict(input_mix='qdrop', qdrop_placement='input'), 64),
+        'qdrop_inner_only': ({}, dict(input_mix='qdrop', qdrop_placement='inner'), 64),
         'qdrop_mse': ({}, dict(input_mix='qdrop', loss='mse'), 64),
         # everything as the reference code: placement, MSE, global order, its step lr
         'reference_recipe': (dict(convention='reference'), dict(loss='mse', act_mode='two_pass', act_lr=4e-4), 64),

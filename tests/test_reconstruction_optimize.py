@@ -1,6 +1,7 @@
 """optimise_unit details: a chained unit's frozen input quantizer applied to its cache once."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -69,7 +70,7 @@ def test_same_model_as_quantizing_every_step(monkeypatch):
             assert torch.equal(a[k], b[k]), k
 
 
-def _qdrop_unit_inputs(unit_index):
+def _qdrop_unit_inputs(unit_index, placement='all'):
     """Run one QDrop optimisation step of a unit on caches whose float-model input is marked
     (values near 100, far outside every activation range); return what the unit's input
     quantizer received and gave, and the quantizer."""
@@ -103,12 +104,18 @@ def _qdrop_unit_inputs(unit_index):
         seen.append((args[0].detach().clone(), out.detach().clone(), whole))
 
     h = q.register_forward_hook(record)
-    cfg = recon_config(dict(iters=1, batch_size=4, input_mix='qdrop', loss='mse'))
+    units = mmbrecq.find_units(model)
+    out_q = entry_quantizer(units[unit_index + 1]) if unit_index + 1 < len(units) else None  # learned with it
+    drops = []
+    h_out = out_q.register_forward_pre_hook(lambda m, args: drops.append(m.qdrop_prob)) if out_q else None
+    cfg = recon_config(dict(iters=1, batch_size=4, input_mix='qdrop', loss='mse', qdrop_placement=placement))
     try:
-        optimize.optimise_unit(unit, data, cfg, seed=0, input_learned=unit_index > 0)
+        optimize.optimise_unit(unit, data, cfg, seed=0, out_quantizer=out_q, input_learned=unit_index > 0)
     finally:
         h.remove()
-    return seen[0]
+        if h_out is not None:
+            h_out.remove()
+    return seen[0], (drops[0] if drops else None)
 
 
 def test_qdrop_drops_quantization_at_the_unit_input():
@@ -118,7 +125,8 @@ def test_qdrop_drops_quantization_at_the_unit_input():
     quantizer is frozen (chained unit '3': learned with the previous unit) or learned with the
     unit (the first unit)."""
     for unit_index in (0, 2):
-        inp, out, quantized = _qdrop_unit_inputs(unit_index)
+        (inp, out, quantized), out_drop = _qdrop_unit_inputs(unit_index)
+        assert out_drop == (0.5 if unit_index == 0 else None)  # the output quantizer it learns drops too
         from_fp = inp > 50
         assert 0.3 < from_fp.float().mean() < 0.7, unit_index  # qdrop_prob 0.5 of each stream
         # the float-model elements pass unquantized ...
@@ -126,3 +134,17 @@ def test_qdrop_drops_quantization_at_the_unit_input():
         # ... and every quantized-stream element is quantized
         assert torch.equal(out[~from_fp], quantized[~from_fp]), unit_index
         assert not torch.equal(out[~from_fp], inp[~from_fp]), unit_index
+
+
+@pytest.mark.parametrize('placement', ['input', 'inner'])
+def test_qdrop_placement(placement):
+    """``qdrop_placement``: only at the unit input (the output quantizer it learns does not
+    drop), or only inside (the input wholly from the quantized stream, every element quantized)."""
+    (inp, out, quantized), out_drop = _qdrop_unit_inputs(0, placement)
+    from_fp = inp > 50
+    if placement == 'input':
+        assert from_fp.any() and torch.equal(out[from_fp], inp[from_fp])
+        assert out_drop is None
+    else:
+        assert not from_fp.any() and torch.equal(out, quantized)
+        assert out_drop == 0.5

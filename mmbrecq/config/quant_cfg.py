@@ -128,6 +128,7 @@ RECON = Section(dict(
     task_loss=Key(None, optional(registered(TASK_LOSSES, 'task loss'))),  # None: the calibration set's
     input_mix=Key('quant', one_of('quant', 'fp', 'qdrop')),  # unit input: quantized / float model / QDrop mix
     qdrop_prob=Key(0.5, number_in(0, 1, lo_open=True)),     # qdrop: probability of keeping the quantized value
+    qdrop_placement=Key('all', one_of('all', 'input', 'inner')),  # qdrop: where values are dropped
     on_nan=Key('fail', one_of('fail', 'nearest')),          # non-finite loss: fail | fall back to nearest
     seed=Key(0, integer),
     cache=Key({}, _cache),                                  # CacheBudget: device_gb, host_gb, disk_dir

@@ -56,7 +56,10 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     """One optimisation stage; returns the loss history (iters x 2: reconstruction, rounding).
 
     QDrop (``input_mix='qdrop'``): the unit's input quantizer quantizes only the elements
-    that the step drew from the quantized stream (:meth:`LSQQuantizer.set_stream_mask`).
+    that the step drew from the quantized stream (:meth:`LSQQuantizer.set_stream_mask`);
+    the unit's other activation quantizers (and the output quantizer it learns) keep each
+    quantized value with probability ``qdrop_prob``. ``qdrop_placement`` keeps one of the
+    two (``'input'`` / ``'inner'``, an ablation) or both (``'all'``, the QDrop paper).
     """
     device = data.y_fp[0].budget.device
     hist = torch.zeros(iters, 2, device=device)
@@ -74,9 +77,14 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     gen = torch.Generator(device=shard.index_device).manual_seed(seed)
     zero = torch.zeros((), device=device)
     bs, mix, check = cfg['batch_size'], cfg['input_mix'], cfg['check_every']
+    placement = cfg['qdrop_placement'] if mix == 'qdrop' else None
+    if placement == 'inner':
+        mix = 'quant'  # the input wholly from the quantized stream
     entry = _qdrop_entry(unit) if mix == 'qdrop' else None
+    unit_input = entry_quantizer(unit)
     for q in aq:
-        q.set_qdrop(cfg['qdrop_prob'] if mix == 'qdrop' else None)
+        inner = placement in ('all', 'inner') and q is not unit_input
+        q.set_qdrop(cfg['qdrop_prob'] if inner else None)
         q.train()
     step, reported = max(1, iters // 50), 0
     try:
