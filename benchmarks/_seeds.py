@@ -1,7 +1,7 @@
 """Mean and spread over seeds, and the tie rule the benchmark tables use.
 
-The spread is half the min-max range over seeds; two rows whose means differ by no more
-than the larger of their spreads are a tie (reported as one, never as a win).
+The spread is half the min-max range over seeds; two rows whose means differ by less than
+the larger of their spreads are a tie (reported as one, never as a win), as are equal means.
 """
 import statistics
 
@@ -14,7 +14,7 @@ def mean_spread(values):
 def is_tie(a, b):
     """``a``, ``b``: lists of per-seed values."""
     (ma, sa), (mb, sb) = mean_spread(a), mean_spread(b)
-    return abs(ma - mb) <= max(sa, sb)
+    return ma == mb or abs(ma - mb) < max(sa, sb)
 
 
 def cell(values, digits):
