@@ -142,6 +142,29 @@ def test_bits_for_precedence():
     assert q4.bits_for(first, first, last) == (3, 8)
 
 
+def test_bits_for_reference_convention():
+    """The reference code's placement: first layer's weights and output at 8 bits (the image
+    float), the last layer's weights at 8 bits and its input at a_bits."""
+    first, after, last = 'backbone.conv1', 'backbone.layer1.0.conv1', 'head.fc'
+    q = QuantConfig(dict(w_bits=2, a_bits=2, convention='reference'))
+    assert q.bits_for(first, first, last, after) == (8, None)
+    assert q.bits_for(after, first, last, after) == (2, 8)
+    assert q.bits_for(last, first, last, after) == (8, 2)
+    assert q.bits_for('backbone.layer2.0.conv1', first, last, after) == (2, 2)
+    ours = QuantConfig(dict(w_bits=2, a_bits=2))
+    assert ours['convention'] == 'mmbrecq'
+    assert [ours.bits_for(n, first, last, after) for n in (first, after, last)] == [(8, 8), (2, 2), (8, 8)]
+    # without 'first' in keep_8bit nothing of the stem is kept, in either convention
+    q2 = QuantConfig(dict(w_bits=2, a_bits=2, convention='reference', keep_8bit=['last']))
+    assert q2.bits_for(first, first, last, after) == (2, 2)
+    assert q2.bits_for(after, first, last, after) == (2, 2)
+    # overrides still come last
+    q3 = QuantConfig(dict(w_bits=2, a_bits=2, convention='reference', overrides=[dict(pattern=last, a_bits=8)]))
+    assert q3.bits_for(last, first, last, after) == (8, 8)
+    with pytest.raises(ValueError, match='quant_cfg.convention'):
+        QuantConfig(dict(convention='paper'))
+
+
 def test_is_skipped_uses_fnmatch_patterns():
     q = QuantConfig(dict(skip=['backbone.layer4.*', 'head.fc']))
     assert q.is_skipped('backbone.layer4.0.conv1') and q.is_skipped('head.fc')

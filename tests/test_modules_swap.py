@@ -203,6 +203,22 @@ def test_first_and_last_layers_are_8bit(r18):
     assert all(a in (4, None) for n, (w, a) in bits.items() if n not in eight)
 
 
+@pytest.mark.parametrize('cfg_name', [RESNET18, RESNET50])
+def test_reference_convention_places_bits_as_the_reference_code(cfg_name):
+    """``convention='reference'``: the image float, the first layer's output (the input of
+    layer1.0, for both of its branches) at 8 bits, the last layer's input at a_bits; the
+    weights of both ends at 8 bits as in the default convention."""
+    model = _quantized(cfg_name, calib=False, w_bits=4, a_bits=4, convention='reference')
+    bb = model.backbone
+    assert bb.conv1.weight_quantizer.bits == 8 and bb.conv1.input_quantizer is None
+    assert bb.layer1[0].input_quantizer.bits == 8
+    assert model.head.fc.weight_quantizer.bits == 8 and model.head.fc.input_quantizer.bits == 4
+    assert bb.layer1[1].input_quantizer.bits == 4 and bb.layer2[0].input_quantizer.bits == 4
+    bits = _layer_bits(model)
+    assert sorted(n for n, (w, _) in bits.items() if w == 8) == ['backbone.conv1', 'head.fc']
+    assert all(a in (4, None) for n, (w, a) in bits.items() if not n.startswith('backbone.layer1.0.'))
+
+
 def test_weight_quantizers_are_per_channel(r18):
     conv = r18.backbone.layer3[0].conv2
     assert conv.weight_quantizer.num_channels == conv.out_channels == 256

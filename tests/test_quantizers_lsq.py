@@ -172,3 +172,26 @@ def test_state_dict_round_trip_keeps_trained_scale():
     assert q2.initialized and q2.scale.requires_grad
     assert torch.equal(q2.scale, q1.scale)
     assert torch.equal(q2(x), q1(x))
+
+
+def test_stream_mask_quantizes_only_the_marked_elements():
+    """QDrop at a unit input: the step's mask, not the quantizer's own draw, decides; a wrong
+    dtype or shape is an error rather than a silent broadcast."""
+    q = LSQQuantizer(bits=4)
+    x = torch.linspace(-1, 1, 24).reshape(2, 12)
+    q.init_range(x)
+    q.set_qdrop(0.5)
+    q.train()
+    mask = torch.arange(24).reshape(2, 12) % 3 == 0
+    q.set_stream_mask(mask)
+    assert not q.fusable
+    out = q(x)
+    q.set_stream_mask(None)
+    q.set_qdrop(None)
+    assert torch.equal(out[~mask], x[~mask])
+    assert torch.equal(out[mask], q(x)[mask])
+    with pytest.raises(TypeError, match='bool'):
+        q.set_stream_mask(mask.float())
+    q.set_stream_mask(mask[:1])
+    with pytest.raises(ValueError, match='shape'):
+        q(x)

@@ -33,6 +33,11 @@ from .schema import (
 
 #: activation bits that mean "not quantized"
 FLOAT_ACT_BITS = (None, 32)
+#: what ``keep_8bit``'s 'first' and 'last' keep at 8 bits (see mmbrecq.modules.QuantConfig.bits_for):
+#: 'mmbrecq': the image, the first layer's weights, the last layer's weights and input;
+#: 'reference': the reference code's placement, the first layer's weights and output (the
+#: image stays float), the last layer's weights (its input at a_bits)
+CONVENTIONS = ('mmbrecq', 'reference')
 #: how gradients of the task loss become per-element weights (see reconstruction.objective)
 FISHER_WEIGHTS = ('normalized', 'abs_plus_one', 'raw')
 
@@ -241,6 +246,7 @@ QUANT_CFG = Section(dict(
     w_bits=Key(4, bits),
     a_bits=Key(4, act_bits),
     keep_8bit=Key(['first', 'last'], optional(list_of(string))),   # 'first', 'last' or name patterns
+    convention=Key('mmbrecq', one_of(*CONVENTIONS)),                 # what 'first' / 'last' keep at 8 bits
     overrides=Key([], optional(list_of(_override))),
     skip=Key([], optional(list_of(string))),
     fold_bn=Key(True, boolean),

@@ -99,14 +99,14 @@ def search_space(model, quant_cfg, candidates: Sequence[int]) -> List[UnitSpace]
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)]
     if not names:
         raise ValueError('the model has no quantized layer: pass it through quantize_model first')
-    first, last = names[0], names[-1]
+    first, last, after_first = names[0], names[-1], names[1] if len(names) > 1 else None
 
     spaces = []
     for unit in find_units(model):
         layers = [f'{unit.name}.{rel}' if rel else unit.name for rel in unit_layers(unit)]
         allowed, a_bits = [], []
         for n in layers:
-            w, a = qcfg.bits_for(n, first, last)
+            w, a = qcfg.bits_for(n, first, last, after_first)
             allowed.append((w, ) if qcfg.fixes_w_bits(n, first, last) else tuple(candidates))
             a_bits.append(a)
         spaces.append(UnitSpace(unit.name, layers, allowed, a_bits))

@@ -6,6 +6,10 @@ from mmbrecq.config import DEFAULTS, TENSOR_KINDS, ConfigError, act_bits, valida
 __all__ = ['QuantConfig', 'DEFAULTS']
 
 
+def _at_least_8(a_bits):
+    return None if a_bits is None else max(a_bits, 8)
+
+
 class QuantConfig:
     """Parsed ``quant_cfg`` (validated and merged by :mod:`mmbrecq.config`, which owns every
     key, default and check) plus the per-layer bit decisions derived from it."""
@@ -54,11 +58,29 @@ class QuantConfig:
         return self._kept_8bit(name, first, last) or any(
             'w_bits' in o and fnmatch.fnmatchcase(name, o['pattern']) for o in self.overrides)
 
-    def bits_for(self, name, first, last):
-        """(w_bits, a_bits) of the layer ``name``; ``a_bits`` is that of its input."""
+    def bits_for(self, name, first, last, after_first=None):
+        """(w_bits, a_bits) of the layer ``name``; ``a_bits`` is that of its input.
+
+        ``first`` / ``last``: the first and last quantized layers; ``after_first``: the layer
+        that reads the first one's output (the next quantized layer in model order). What
+        ``keep_8bit``'s ``'first'`` / ``'last'`` keep at 8 bits follows ``convention``:
+
+        - ``'mmbrecq'``: the first layer's weights and input (the image), the last layer's
+          weights and input (the paper's "first and last layer 8-bit", input included);
+        - ``'reference'``: as the reference code (``set_first_last_layer_to_8bit``): the
+          first layer's weights and its *output* (``after_first``'s input), the image float,
+          the last layer's weights only (its input at ``a_bits``).
+        """
         w, a = self.w_bits, self.a_bits
-        if self._kept_8bit(name, first, last):
-            w, a = max(w, 8), (None if a is None else max(a, 8))
+        reference, keep = self.cfg['convention'] == 'reference', set(self.keep_8bit)
+        if any(fnmatch.fnmatchcase(name, p) for p in keep - {'first', 'last'}):
+            w, a = max(w, 8), _at_least_8(a)
+        if 'first' in keep and name == first:
+            w, a = max(w, 8), (None if reference else _at_least_8(a))   # reference: the image float
+        if 'last' in keep and name == last:
+            w, a = max(w, 8), (a if reference else _at_least_8(a))      # reference: input at a_bits
+        if reference and 'first' in keep and name == after_first and name != first:
+            a = _at_least_8(a)                                           # the first layer's output
         for o in self.overrides:
             if fnmatch.fnmatchcase(name, o['pattern']):
                 w = o.get('w_bits', w)

@@ -58,14 +58,15 @@ class _QuantizerFactory:
 class _Swapper:
     """One swap of a model: the rules, the quantizer factory and the per-layer bits."""
 
-    def __init__(self, model, qcfg: QuantConfig, rules, factory, first, last):
+    def __init__(self, model, qcfg: QuantConfig, rules, factory, layer_names):
         self.model, self.qcfg, self.rules, self.factory = model, qcfg, rules, factory
-        self.first, self.last = first, last
+        # the first and last layers, and the one that reads the first one's output
+        self.ends = (layer_names[0], layer_names[-1], layer_names[1] if len(layer_names) > 1 else None)
         self.device = next(model.parameters()).device
 
     def swap_layer(self, name, with_input_quantizer, kind=None):
         layer = self.model.get_submodule(name)
-        w_bits, a_bits = self.qcfg.bits_for(name, self.first, self.last)
+        w_bits, a_bits = self.qcfg.bits_for(name, *self.ends)
         in_q = self.factory.act(a_bits, self.device, kind) if with_input_quantizer else None
         qlayer = quant_twin(layer).from_float(layer, self.factory.weight(layer, w_bits), in_q)
         self.model.set_submodule(name, qlayer)
@@ -87,7 +88,7 @@ class _Swapper:
         for rel in inner:
             self.swap_layer(f'{name}.{rel}', rel not in entries, rule.input_kind(unit, rel))
         # the block input is quantized at the activation bits of its first layer
-        a_bits = self.qcfg.bits_for(f'{name}.{every[0]}', self.first, self.last)[1]
+        a_bits = self.qcfg.bits_for(f'{name}.{every[0]}', *self.ends)[1]
         in_q = self.factory.act(a_bits, self.device) if rule.quantize_input else None
         if in_q is not None:
             unit.add_module('input_quantizer', in_q)
@@ -144,6 +145,6 @@ def quantize_model(model: nn.Module, quant_cfg) -> nn.Module:
     model.eval()
     if qcfg['fold_bn']:
         fold_bn(model)
-    _Swapper(model, qcfg, rules, factory, kept[0], kept[-1]).visit('', model)
+    _Swapper(model, qcfg, rules, factory, kept).visit('', model)
     warn_uncovered_blocks(model)  # no silent fallback to layer-wise units
     return model

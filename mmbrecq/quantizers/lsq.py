@@ -21,7 +21,10 @@ class LSQQuantizer(UniformQuantizer):
 
     QDrop (:meth:`set_qdrop`): during optimisation (training mode) each element keeps its
     *quantized* value with probability ``qdrop_prob`` and its float value otherwise, the
-    convention of ``quant_cfg.recon.qdrop_prob``; ``None`` is no QDrop.
+    convention of ``quant_cfg.recon.qdrop_prob``; ``None`` is no QDrop. At a unit's input
+    the choice is not the quantizer's own: the step draws which elements come from the
+    quantized stream and which from the float model, and :meth:`set_stream_mask` tells the
+    quantizer to quantize only the former.
     """
 
     def __init__(self, bits=8, grad_scale=True, **kwargs):
@@ -30,6 +33,7 @@ class LSQQuantizer(UniformQuantizer):
         super().__init__(bits=bits, **kwargs)
         self.use_grad_scale = grad_scale
         self.qdrop_prob = None
+        self.stream_mask = None
         self.scale.requires_grad_(True)
 
     def set_qdrop(self, prob=None):
@@ -37,6 +41,20 @@ class LSQQuantizer(UniformQuantizer):
         if prob is not None and not 0 <= prob <= 1:
             raise ValueError(f'qdrop_prob must be in [0, 1] or None, got {prob!r}')
         self.qdrop_prob = None if prob == 1 else prob
+
+    def set_stream_mask(self, quantized=None):
+        """QDrop at a unit's input: quantize only the elements where ``quantized`` is True.
+
+        QDrop feeds a unit ``where(rand < p, Q(x_quantized_stream), x_float_model)``; the
+        step mixes the two cached streams before the unit runs, and the unit's own input
+        quantizer must then leave the float-model elements as they are (quantizing them
+        would undo the drop). The mask overrides :meth:`set_qdrop`'s random draw, in
+        training and eval mode alike (a frozen input quantizer is in eval mode); ``None``
+        turns it off.
+        """
+        if quantized is not None and quantized.dtype != torch.bool:
+            raise TypeError(f'the stream mask must be a bool tensor, got {quantized.dtype}')
+        self.stream_mask = quantized
 
     @property
     def fusable(self) -> bool:
@@ -52,7 +70,7 @@ class LSQQuantizer(UniformQuantizer):
     def _plain_now(self) -> bool:
         """The state part of :attr:`fusable` (what a subclass's override reuses)."""
         return (self.enabled and self.initialized and self.ch_axis is None
-                and not (self.qdrop_prob is not None and self.training)
+                and not (self.qdrop_prob is not None and self.training) and self.stream_mask is None
                 and not (self._forward_hooks or self._forward_pre_hooks))
 
     def step_grad_factor(self, x: torch.Tensor) -> float:
@@ -66,7 +84,12 @@ class LSQQuantizer(UniformQuantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant_lsq(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.qmin,
                             self.qmax, self.step_grad_factor(x))
-        if self.qdrop_prob is not None and self.training:
+        if self.stream_mask is not None:
+            if self.stream_mask.shape != x.shape:
+                raise ValueError(f'stream mask of shape {tuple(self.stream_mask.shape)} for an input of shape '
+                                 f'{tuple(x.shape)}')
+            xq = torch.where(self.stream_mask, xq, x)
+        elif self.qdrop_prob is not None and self.training:
             keep_float = torch.rand_like(x) < 1 - self.qdrop_prob
             xq = torch.where(keep_float, x, xq)
         return xq

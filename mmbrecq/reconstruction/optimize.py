@@ -53,7 +53,11 @@ def _param_groups(unit, cfg, aq, with_alpha=True, with_steps=True):
 
 def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed, progress, stage,
                out_quantizer=None):
-    """One optimisation stage; returns the loss history (iters x 2: reconstruction, rounding)."""
+    """One optimisation stage; returns the loss history (iters x 2: reconstruction, rounding).
+
+    QDrop (``input_mix='qdrop'``): the unit's input quantizer quantizes only the elements
+    that the step drew from the quantized stream (:meth:`LSQQuantizer.set_stream_mask`).
+    """
     device = data.y_fp[0].budget.device
     hist = torch.zeros(iters, 2, device=device)
     if not groups or iters == 0:
@@ -70,6 +74,7 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
     gen = torch.Generator(device=shard.index_device).manual_seed(seed)
     zero = torch.zeros((), device=device)
     bs, mix, check = cfg['batch_size'], cfg['input_mix'], cfg['check_every']
+    entry = _qdrop_entry(unit) if mix == 'qdrop' else None
     for q in aq:
         q.set_qdrop(cfg['qdrop_prob'] if mix == 'qdrop' else None)
         q.train()
@@ -80,7 +85,9 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
             idx, share = shard.local(idx)
             rec = zero
             for k in range(data.calls if len(idx) else 0):
-                x, y, w = data.batch(k, idx, mix, cfg['qdrop_prob'])
+                x, y, w, from_q = data.batch(k, idx, mix, cfg['qdrop_prob'])
+                if entry is not None:
+                    entry.set_stream_mask(from_q)
                 out = unit.forward(x)
                 if out_quantizer is not None:  # quantize the output inside the loss: one fused node
                     rec = rec + quantized_reconstruction_loss(out, out_quantizer, y, w)
@@ -109,7 +116,20 @@ def _run_stage(unit, data: UnitData, cfg, iters, groups, wq, aq, use_round, seed
         for q in aq:
             q.set_qdrop(None)
             q.eval()
+        if entry is not None:
+            entry.set_stream_mask(None)
     return hist
+
+
+def _qdrop_entry(unit):
+    """The input quantizer that QDrop's stream mask goes to (``None``: the input is float)."""
+    q = entry_quantizer(unit)
+    if q is None:
+        return None
+    if not isinstance(q, LSQQuantizer):
+        raise TypeError(f"unit {unit.name!r}: input_mix='qdrop' needs an LSQQuantizer (or a subclass) at the "
+                        f'unit input, got {type(q).__name__}')
+    return q
 
 
 @contextlib.contextmanager

@@ -129,13 +129,17 @@ class UnitData:
         return f'{mib:.0f} MiB on {"+".join(places)}'
 
     def batch(self, k, idx, input_mix, keep_q_prob):
-        """One step's batch of call ``k``: valid until the next call (buffers are reused)."""
+        """One step's batch of call ``k``: ``(x, y, w, from_q)``, valid until the next call
+        (buffers are reused). ``from_q``: in ``'qdrop'`` mode, which elements of ``x`` come
+        from the quantized stream (the others from the float model), else ``None``."""
+        from_q = None
         if input_mix == 'fp':
             x = self.x_fp[k].gather(idx, reuse=True)
         elif input_mix == 'quant':
             x = self.x_q[k].gather(idx, reuse=True)
         else:  # qdrop: element-wise random choice of quantized / float input
             xq, xf = self.x_q[k].gather(idx, reuse=True), self.x_fp[k].gather(idx, reuse=True)
-            x = torch.where(torch.rand_like(xq) < keep_q_prob, xq, xf)
+            from_q = torch.rand_like(xq) < keep_q_prob
+            x = torch.where(from_q, xq, xf)
         w = self.weight[k].gather(idx, reuse=True) if self.weight else None
-        return x, self.y_fp[k].gather(idx, reuse=True), w
+        return x, self.y_fp[k].gather(idx, reuse=True), w, from_q
