@@ -32,6 +32,7 @@ The reference checkouts are never copied here: pass their paths, e.g.
         --num-samples 256 --json /tmp/ref_bench.json
     # or BRECQ_REFERENCE=/tmp/ref/brecq QDROP_REFERENCE=/tmp/ref/qdrop python benchmarks/...
     python benchmarks/bench_vs_reference.py --table-from /tmp/ref_bench.json   # the table again
+    python benchmarks/bench_vs_reference.py --table-from a.json b.json         # runs split by settings
 
 Without a checkout its rows are skipped with a message (the mmbrecq rows still run).
 ``--json`` is rewritten after every run; ``--resume`` skips the runs already in it.
@@ -251,6 +252,18 @@ def table_header(args):
             f'larger spread is a tie; bold: best of the setting or tied with it.')
 
 
+def table_from_files(paths):
+    """The table of one or more ``--json`` files (e.g. runs split by settings), rows merged."""
+    saved = []
+    for path in paths:
+        with open(path) as f:
+            saved.append(json.load(f))
+    rows = [r for s in saved for r in s['rows']]
+    settings = list(dict.fromkeys(x for s in saved for x in s['settings']))
+    impls = [k for k in IMPLS if any(k in s['impls'] for s in saved)]
+    return markdown_table(rows, settings, impls, saved[0].get('float_top1'), saved[0].get('header', ''))
+
+
 # ----------------------------------------------------------------------------- main
 def main():
     from mmbrecq.engine.demo import DIGITS_MODELS
@@ -268,15 +281,12 @@ def main():
     p.add_argument('--json', help='write the per-seed rows here (after every run)')
     p.add_argument('--resume', action='store_true', help='keep the runs already in --json')
     p.add_argument('--log-dir', help='reference runs\' logs (default: a temporary folder)')
-    p.add_argument('--table-from', help='print the table of a --json file and exit')
+    p.add_argument('--table-from', nargs='+', help='print the table of --json files (rows merged) and exit')
     args = p.parse_args()
     for s in args.settings:
         parse_setting(s)
     if args.table_from:
-        with open(args.table_from) as f:
-            saved = json.load(f)
-        print(markdown_table(saved['rows'], saved['settings'], saved['impls'], saved.get('float_top1'),
-                             saved.get('header', '')))
+        print(table_from_files(args.table_from))
         return
 
     import mmbrecq  # noqa: F401  (registers the plugin)
