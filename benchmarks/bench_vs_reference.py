@@ -24,7 +24,6 @@ first layer's weights 8-bit, ``layer1.0``'s input at ``a_bits``, last layer's we
 
 The reference checkouts are never copied here: pass their paths, e.g.
 
-    mkdir -p /tmp/ref/brecq /tmp/ref/qdrop
     git clone https://github.com/yhhhli/BRECQ /tmp/ref/brecq
     git clone https://github.com/wimh966/QDrop /tmp/ref/qdrop
     OMP_NUM_THREADS=1 python benchmarks/bench_vs_reference.py --brecq-ref /tmp/ref/brecq \
@@ -35,6 +34,9 @@ The reference checkouts are never copied here: pass their paths, e.g.
     python benchmarks/bench_vs_reference.py --table-from a.json b.json         # runs split by settings
 
 Without a checkout its rows are skipped with a message (the mmbrecq rows still run).
+The reference code is written for CUDA; without a GPU the driver process maps its CUDA
+placements to the CPU (with one, it runs as written), and QDrop's config parser gets a
+stand-in for ``easydict`` when that package is not installed. ``--impls`` picks rows.
 ``--json`` is rewritten after every run; ``--resume`` skips the runs already in it.
 Spread = half the min–max range over the seeds; a difference smaller than the larger of
 the two spreads is a tie.
