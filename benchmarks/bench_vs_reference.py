@@ -52,6 +52,7 @@ import time
 from pathlib import Path
 
 import torch
+from _seeds import compare, mean_spread
 
 DRIVER = Path(__file__).resolve().parent / '_reference_driver.py'
 
@@ -185,21 +186,6 @@ def has_convention_key():
 
 
 # ----------------------------------------------------------------------------- the table
-def mean_spread(values):
-    """``(mean, spread)``, spread = half the min–max range (0 for one value)."""
-    values = list(values)
-    return sum(values) / len(values), (max(values) - min(values)) / 2
-
-
-def compare(a, b, higher_is_better):
-    """``a`` against ``b`` (each ``(mean, spread)``): ``'better'``, ``'worse'`` or ``'tie'`` (the
-    difference is smaller than the larger spread)."""
-    diff = a[0] - b[0]
-    if abs(diff) < max(a[1], b[1]) or diff == 0:
-        return 'tie'
-    return 'better' if (diff > 0) == higher_is_better else 'worse'
-
-
 def summarize(rows):
     """``{(setting, impl): dict(top1=(mean, spread), kl=(mean, spread), seeds=n)}`` from per-seed rows."""
     groups = {}

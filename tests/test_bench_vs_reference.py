@@ -24,6 +24,7 @@ from _models import randomize_bn
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_CONFIG = ROOT / 'configs' / '_base_' / 'digits_resnet_float.py'
+sys.path.insert(0, str(ROOT / 'benchmarks'))  # the benchmark's own helpers (_seeds), as when it runs as a script
 
 
 def _load(path, name):
