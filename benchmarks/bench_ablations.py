@@ -22,7 +22,8 @@ from mmbrecq.engine.demo import DIGITS_MODELS, digits_benchmark_setup, top1_and_
 
 
 def variants(first, after_first, last, a_bits):
-    """name -> (quant_cfg extras, recon extras, images for the activation-range init).
+    """name -> (quant_cfg extras, recon extras, activation-range init: 64 = the first batch of
+    the quantized stream, None = all calibration images, 'float' = the first batch, float model).
 
     ``first`` / ``after_first`` / ``last``: the float model's first layer, the layer reading
     its output, its last layer (the bit-placement ablations override their input bits).
@@ -39,8 +40,11 @@ def variants(first, after_first, last, a_bits):
         # schedule: per-unit two stages, the reference's global order (both at its 4e-4 step lr)
         'two_stage': ({}, dict(act_mode='two_stage', act_lr=4e-4), 64),
         'two_pass': ({}, dict(act_mode='two_pass', act_lr=4e-4), 64),
-        # activation range init on all calibration images instead of the first batch (64)
+        # activation range init on all calibration images instead of the first batch (64), and
+        # from the float model's activations (the QDrop code's) instead of the quantized stream
         'act_init_all': ({}, {}, None),
+        'act_init_float': ({}, {}, 'float'),
+        'qdrop_act_init_float': ({}, dict(input_mix='qdrop'), 'float'),
         'act_lr_4e-4': ({}, dict(act_lr=4e-4), 64),
         'batch_64': ({}, dict(batch_size=64), 64),
         # QDrop: probability of keeping the quantized value, and with the QDrop code's MSE loss
@@ -60,8 +64,8 @@ def run(setting, name, spec, args, float_model, calib, test_batches, fp_logits, 
     w, a = (int(x) for x in setting[1:].split('a'))
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(quant_extra, w_bits=w, a_bits=a))
     mmbrecq.set_quant_state(model, True, True)
-    init = calib.batches[:1] if init_images else [_concat(calib.batches)]
-    mmbrecq.calibrate_activations(model, init, calib.forward)
+    init = [_concat(calib.batches)] if init_images is None else calib.batches[:1]
+    mmbrecq.calibrate_activations(model, init, calib.forward, stream='float' if init_images == 'float' else 'quantized')
     t0 = time.perf_counter()
     mmbrecq.reconstruct(model, calib, dict(iters=args.iters, progress=False, seed=seed, **recon_extra),
                         logger='silent')

@@ -72,6 +72,7 @@ class UniformQuantizer(nn.Module):
         self.initialized = False
         self.observing = False
         self._reducer = None  # while observing: how statistics combine over processes
+        self._passthrough = False  # while observing: leave the input unquantized
         self.enabled = True
 
     # -- state ---------------------------------------------------------------------------
@@ -139,13 +140,14 @@ class UniformQuantizer(nn.Module):
         """Forget the range (the next calibration initialises it again)."""
         self.initialized = False
 
-    def start_observing(self, reducer=None):
+    def start_observing(self, reducer=None, passthrough=False):
         """Initialise the range on the next forward (calibration); ``reducer`` as in
-        :meth:`init_range`."""
-        self.observing, self._reducer = True, reducer
+        :meth:`init_range`. ``passthrough``: until :meth:`stop_observing`, return the input
+        unquantized, so that what follows sees the float stream (ranges of the float model)."""
+        self.observing, self._reducer, self._passthrough = True, reducer, passthrough
 
     def stop_observing(self):
-        self.observing, self._reducer = False, None
+        self.observing, self._reducer, self._passthrough = False, None, False
 
     def _check_ready(self, x):
         if not self.initialized:
@@ -163,6 +165,8 @@ class UniformQuantizer(nn.Module):
         if not self.enabled:
             return x
         self._check_ready(x)
+        if self._passthrough:
+            return x
         return self.quantize(x)
 
     def integer_repr(self, x: torch.Tensor) -> torch.Tensor:

@@ -46,26 +46,37 @@ class CalibrationSet:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches, forward=None):
+def calibrate_activations(model: nn.Module, batches, forward=None, stream='quantized'):
     """Initialise every activation quantizer's range from calibration batches.
 
-    Quantizers initialise on the first batch that reaches them, in execution order, so
-    each one sees inputs already quantized upstream (as at inference).
+    ``stream='quantized'``: quantizers initialise on the first batch that reaches them, in
+    execution order, so each one sees inputs already quantized upstream (weights at nearest
+    rounding), as at inference. ``stream='float'``: every range from the float model's
+    activations (weights and upstream activations unquantized), as the QDrop code does.
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
     """
+    if stream not in ('quantized', 'float'):
+        raise ValueError(f"stream={stream!r}: expected 'quantized' or 'float' (quant_cfg.calib.act_stream)")
     plan_post_ln_folds(model)  # pairs folded without a shift calibrate shift-free grids
     acts = [q for q in quantizers_of(model, 'act') if q.enabled and not q.initialized]
+    # the float stream: every other quantizer (weights, ranges already set) off meanwhile
+    others = [q for q in quantizers_of(model) if q.enabled and all(q is not a for a in acts)] \
+        if stream == 'float' else []
     try:
+        for q in others:
+            q.enabled = False
         for batch in batches:
             reducer = ShardReducer.for_batch(batch)  # several processes: ranges of the global batch
             for q in acts:
-                q.start_observing(reducer)
+                q.start_observing(reducer, passthrough=stream == 'float')
             forward(model, batch) if forward is not None else model(batch)
             if all(q.initialized for q in acts):
                 break
     finally:
         for q in acts:
             q.stop_observing()
+        for q in others:
+            q.enabled = True
     missing = [n for n, m in model.named_modules() if m in acts and not m.initialized]
     if missing:
         raise RuntimeError(f'activation quantizers never reached by the calibration data: {missing[:5]}')
