@@ -126,7 +126,7 @@ class PTQLoop(TestLoop):
         t0 = time.perf_counter()
         quantize_model(model, qcfg)
         set_quant_state(model, True, True)
-        calibrate_activations(model, calib.batches[:1], calib.forward)
+        calibrate_activations(model, calib.batches[:1], calib.forward, stream=qcfg['calib']['act_stream'])
         self.results['seconds']['calibration'] = t_calib + time.perf_counter() - t0
         runner.call_hook('after_calibration', calib=calib)
         if self.eval_nearest:

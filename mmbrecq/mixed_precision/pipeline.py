@@ -125,7 +125,7 @@ def search_mixed_precision(model, calib, quant_cfg, work_dir=None, resume=False,
         q.reset_range()
     set_quant_state(model, True, True)
     if acts:
-        calibrate_activations(model, calib.batches[:1], calib.forward)
+        calibrate_activations(model, calib.batches[:1], calib.forward, stream=qcfg['calib']['act_stream'])
     print_log(f'mixed precision: {len(changed)} layers re-gridded; {report["budget"]["key"]} '
               f'{report["cost"][report["budget"]["key"]]:.6g} <= {report["budget"]["value"]:.6g} '
               f'({"met" if report["budget_met"] else "NOT met"}), mean weight bits {report["mean_w_bits"]:.3f}',
