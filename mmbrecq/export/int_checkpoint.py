@@ -119,6 +119,8 @@ def _act_entry(name, q):
         require_ready(name, q)
     if q.ch_axis is not None:
         raise NotImplementedError(f'{name}: per-channel activation quantizers are not exportable')
+    if not getattr(q, 'qdq_exportable', True):  # a non-uniform grid (log2, twin uniform): no (scale, zero point)
+        raise NotImplementedError(f'{name}: {type(q).__name__} has no single-grid integer form')
     return dict(type=type(q).__name__, bits=q.bits, qmin=q.qmin, qmax=q.qmax,
                 scale=q.scale.detach().cpu().clone(), zero_point=q.zero_point.detach().cpu().to(torch.int32),
                 enabled=bool(q.enabled), initialized=bool(q.initialized))

@@ -66,6 +66,11 @@ class LSQQuantizer(UniformQuantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant_lsq(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.qmin,
                             self.qmax, self.step_grad_factor(x))
+        return self._qdrop_mix(x, xq)
+
+    def _qdrop_mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """QDrop in training: each element keeps ``xq`` with probability ``qdrop_prob``, else ``x``
+        (shared by the subclasses whose grid differs)."""
         if self.qdrop_prob is not None and self.training:
             keep_float = torch.rand_like(x) < 1 - self.qdrop_prob
             xq = torch.where(keep_float, x, xq)
