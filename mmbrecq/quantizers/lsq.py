@@ -22,6 +22,9 @@ class LSQQuantizer(UniformQuantizer):
     QDrop (:meth:`set_qdrop`): during optimisation (training mode) each element keeps its
     *quantized* value with probability ``qdrop_prob`` and its float value otherwise, the
     convention of ``quant_cfg.recon.qdrop_prob``; ``None`` is no QDrop.
+
+    :meth:`fix_step` keeps the step at its calibrated value: the reconstruction then leaves
+    it out (``learn_step`` is ``False``) and computes no gradient for it.
     """
 
     def __init__(self, bits=8, grad_scale=True, **kwargs):
@@ -30,7 +33,13 @@ class LSQQuantizer(UniformQuantizer):
         super().__init__(bits=bits, **kwargs)
         self.use_grad_scale = grad_scale
         self.qdrop_prob = None
+        self.learn_step = True
         self.scale.requires_grad_(True)
+
+    def fix_step(self):
+        """Keep the step as calibrated: not learned by the reconstruction, no gradient."""
+        self.learn_step = False
+        self.scale.requires_grad_(False)
 
     def set_qdrop(self, prob=None):
         """QDrop on (``prob``: probability of keeping the quantized value, in [0, 1]) or off."""
