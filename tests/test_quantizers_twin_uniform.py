@@ -175,3 +175,30 @@ def test_bad_bits_name_the_key():
         quantize_model(_tiny_vit(), dict(a_bits=1, transformer=dict(post_gelu=dict(type='TwinUniformQuantizer'))))
     with pytest.raises(ValueError, match=r'quant_cfg\.transformer\.post_gelu\.type'):
         quantize_model(_tiny_vit(), dict(transformer=dict(post_gelu=dict(type='TwinUniform'))))
+
+
+def test_onnx_export_traces_the_twin_grid(tmp_path):
+    """No QuantizeLinear form: the exported graph computes the twin grid with float ops and
+    onnxruntime reproduces the fake-quant model."""
+    pytest.importorskip('onnx')
+    ort = pytest.importorskip('onnxruntime')
+    from mmbrecq import calibrate_activations, quantize_model
+    from mmbrecq.export import export_onnx
+    torch.manual_seed(0)
+    model = quantize_model(_tiny_vit(), dict(w_bits=4, a_bits=4, keep_8bit=[],
+                                             transformer=dict(post_gelu=dict(type='TwinUniformQuantizer'))))
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    calibrate_activations(model, [x])
+    path = export_onnx(model, x[:1], str(tmp_path / 'twin.onnx'))
+    # onnxruntime's extended graph fusions replace float ops around the grid (GELU, LayerNorm)
+    # by kernels that round differently, which moves some codes of the fine negative grid; with
+    # the basic rewrites the runtime computes the traced graph
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.intra_op_num_threads = 1
+    sess = ort.InferenceSession(path, so, providers=['CPUExecutionProvider'])
+    with torch.no_grad():
+        ref = model(x)[0]
+    got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()
