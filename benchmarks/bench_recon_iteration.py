@@ -165,8 +165,12 @@ def main():
             out_q.enabled = True
         aq = step_quantizers(unit, out_q, input_learned=traces[name].chained)
         wq, aq, groups = _param_groups(unit, cfg, aq)
-        print(f'  {name}: input step learned here: {not traces[name].chained}, '
-              f'learns the next block\'s input step: {out_q is not None}')
+        if args.model == 'deit-s':  # no block input quantizer: the first Linear quantizes the unit input
+            first = next(m for m in unit.module.modules() if isinstance(m, torch.nn.Linear))
+            print(f'  {name}: first Linear\'s input step learned here: {any(q is first.input_quantizer for q in aq)}')
+        else:
+            print(f'  {name}: input step learned here: {not traces[name].chained}, '
+                  f'learns the next block\'s input step: {out_q is not None}')
 
         def run(n):
             cfg_n = dict(cfg, iters=n)
