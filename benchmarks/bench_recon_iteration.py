@@ -10,9 +10,12 @@ quantizers, Fisher-weighted loss, rounding regulariser, Adam steps on alpha and 
         [--iters 20] [--samples 64] [--device cpu]
     python benchmarks/bench_recon_iteration.py --model deit-s   # one DeiT-S encoder layer, 197 tokens
 
-For ``--model deit-s`` the unit is a whole ``TransformerEncoderLayer`` of DeiT-S (embed 384,
-6 heads, 197 tokens at 224x224): its four Linears in soft AdaRound, LSQ on their inputs and
-on Q, K, V, the log-sqrt2 quantizer on the softmax output.
+For ``--model deit-s`` the units are those of one ``TransformerEncoderLayer`` of DeiT-S (embed
+384, 6 heads, 197 tokens at 224x224) under ``quant_cfg.transformer.unit`` (default: its
+attention and MLP halves, and a last line for the two together, i.e. the whole layer's step
+against the float forward+backward of both halves; ``--unit layer``: the layer as one unit):
+the Linears in soft AdaRound, LSQ on their inputs and on Q, K, V, the log-sqrt2 quantizer on
+the softmax output. ``--learn-entry-step yes|no`` overrides ``transformer.learn_entry_step``.
 """
 import argparse
 import copy
@@ -25,6 +28,8 @@ MODELS = {
     'resnet18': ('resnet/resnet18_8xb32_in1k.py', ['backbone.layer1.0', 'backbone.layer3.0']),
     'deit-s': ('deit/deit-small_4xb256_in1k.py', ['backbone.layers.0']),
 }
+#: transformer units of DeiT-S's first layer under quant_cfg.transformer.unit='halves'
+HALVES = ['backbone.layers.0.attn', 'backbone.layers.0.ffn.layers']
 
 
 def build_model(name):
@@ -62,9 +67,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnet18', choices=sorted(MODELS))
     p.add_argument('--blocks', nargs='+', default=None, help='unit names (default: per model)')
-    p.add_argument('--unit', default='layer', choices=['layer', 'halves'],
-                   help="transformers: quant_cfg.transformer.unit (halves: e.g. --blocks backbone.layers.0.attn "
-                        "backbone.layers.0.ffn.layers)")
+    p.add_argument('--unit', default=None, choices=['layer', 'halves'],
+                   help='transformers: quant_cfg.transformer.unit (default: its default)')
+    p.add_argument('--learn-entry-step', default=None, choices=['yes', 'no'],
+                   help='transformers: quant_cfg.transformer.learn_entry_step (default: its default)')
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
@@ -75,12 +81,11 @@ def main():
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
-    args.blocks = args.blocks or MODELS[args.model][1]
     if args.threads:
         torch.set_num_threads(args.threads)
 
     import mmbrecq
-    from mmbrecq.config import recon_config
+    from mmbrecq.config import DEFAULTS, recon_config
     from mmbrecq.modules import fold_bn, set_quant_state
     from mmbrecq.reconstruction import (
         CacheBudget,
@@ -96,7 +101,12 @@ def main():
     torch.manual_seed(0)
     float_model = build_model(args.model)
     fold_bn(float_model)
-    qcfg = dict(w_bits=4, a_bits=4, transformer=dict(unit=args.unit))
+    transformer = dict(unit=args.unit or DEFAULTS['transformer']['unit'])
+    if args.learn_entry_step is not None:
+        transformer['learn_entry_step'] = args.learn_entry_step == 'yes'
+    default_blocks = HALVES if args.model == 'deit-s' and transformer['unit'] == 'halves' else MODELS[args.model][1]
+    args.blocks = args.blocks or default_blocks
+    qcfg = dict(w_bits=4, a_bits=4, transformer=transformer)
     qmodel = mmbrecq.quantize_model(copy.deepcopy(build_model(args.model)), qcfg)
     qmodel.to(device)
     float_model.to(device)
@@ -108,8 +118,10 @@ def main():
     order_units, traces = probe_units(qmodel, list(units.values()), probe)
     order = [u.name for u in order_units]
     print(f'{args.model} on device: {device} ({torch.get_num_threads()} threads), batch {args.batch_size}, '
-          f'{args.res}x{args.res}, best of {args.rounds} rounds of {args.iters} iterations')
+          f'{args.res}x{args.res}, best of {args.rounds} rounds of {args.iters} iterations'
+          + (f', transformer {mmbrecq.QuantConfig(qcfg)["transformer"]}' if args.model == 'deit-s' else ''))
     print(f'{"block":20s} {"float f+b (ms)":>15s} {"recon iter (ms)":>16s} {"ratio":>7s}')
+    totals = [0.0, 0.0]
     for name in args.blocks:
         shape = block_input_shape(float_model, name, args.res)
         fblock = float_model.get_submodule(name)
@@ -153,8 +165,12 @@ def main():
             out_q.enabled = True
         aq = step_quantizers(unit, out_q, input_learned=traces[name].chained)
         wq, aq, groups = _param_groups(unit, cfg, aq)
-        print(f'  {name}: input step learned here: {not traces[name].chained}, '
-              f'learns the next block\'s input step: {out_q is not None}')
+        if args.model == 'deit-s':  # no block input quantizer: the first Linear quantizes the unit input
+            first = next(m for m in unit.module.modules() if isinstance(m, torch.nn.Linear))
+            print(f'  {name}: first Linear\'s input step learned here: {any(q is first.input_quantizer for q in aq)}')
+        else:
+            print(f'  {name}: input step learned here: {not traces[name].chained}, '
+                  f'learns the next block\'s input step: {out_q is not None}')
 
         def run(n):
             cfg_n = dict(cfg, iters=n)
@@ -169,7 +185,11 @@ def main():
             for _ in range(args.rounds):
                 t_float = min(t_float, seconds_per_iter(float_steps, args.iters, device))
                 t_recon = min(t_recon, seconds_per_iter(run, args.iters, device))
-        print(f'{name:20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}')
+        print(f'{name:20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}', flush=True)
+        totals = [totals[0] + t_float, totals[1] + t_recon]
+    if args.blocks == HALVES:  # the whole layer's step: both halves
+        t_float, t_recon = totals
+        print(f'{"layer (both halves)":20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}')
 
 
 if __name__ == '__main__':

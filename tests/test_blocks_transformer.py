@@ -163,6 +163,40 @@ def test_reconstruction_runs_and_lowers_the_error(case, unit):
     assert torch.isfinite(after) and after < before, (before, after)
 
 
+
+@pytest.mark.parametrize('case,unit', [('deit', 'halves'), ('swin', 'halves'), ('deit', 'layer')])
+def test_fixed_entry_step(case, unit):
+    """``transformer.learn_entry_step=False``: each unit's first Linear keeps its calibrated input
+    step (no gradient, not learned), the other steps are learned; default: all learned."""
+    from mmbrecq.reconstruction.optimize import step_quantizers
+    qcfg = dict(QCFG, a_bits=4, transformer=dict(unit=unit, learn_entry_step=False))
+    _, model = _quantized(case, qcfg)
+    units = [u for u in find_units(model) if u.is_block]
+    entries = []
+    for u in units:
+        first = next(m for m in u.module.modules() if isinstance(m, torch.nn.Linear))
+        entries.append(first.input_quantizer)
+        learned = step_quantizers(u)
+        assert first.input_quantizer not in learned and learned
+        assert all(q.learn_step and q is not first.input_quantizer for q in learned)
+    assert all(not q.learn_step and not q.scale.requires_grad for q in entries)
+    before = [q.scale.detach().clone() for q in entries]
+    others = [q for u in units for q in step_quantizers(u)]
+    others_before = [q.scale.detach().clone() for q in others]
+    calib = [_images(case, 8, seed=s) for s in range(2)]
+    mmbrecq.reconstruct(model, calib, dict(iters=20, batch_size=8, progress=False, seed=0, loss='mse'),
+                        forward=lambda m, b: m(b, mode='tensor'), logger='silent')
+    assert all(torch.equal(q.scale, b) for q, b in zip(entries, before))
+    assert any(not torch.equal(q.scale, b) for q, b in zip(others, others_before))
+    # the default learns every step, the entry's included
+    _, model = _quantized(case, dict(qcfg, transformer=dict(unit=unit)))
+    for u in (u for u in find_units(model) if u.is_block):
+        first = next(m for m in u.module.modules() if isinstance(m, torch.nn.Linear))
+        assert first.input_quantizer.learn_step and first.input_quantizer in step_quantizers(u)
+    with pytest.raises(ValueError, match=r'quant_cfg\.transformer\.learn_entry_step'):
+        mmbrecq.QuantConfig(dict(transformer=dict(learn_entry_step='no')))
+
+
 def _write_ptq_config(case, path):
     name, overrides, _, _ = CASES[case]
     path.write_text(f"_base_ = 'mmpretrain::{name}'\n"

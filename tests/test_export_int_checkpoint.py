@@ -204,6 +204,12 @@ def test_errors(qmodel, int_ckpt, tmp_path):
     raw = mmbrecq.quantize_model(_build(), QCFG)
     with pytest.raises(RuntimeError, match='calibrate'):
         to_integer_checkpoint(raw, QCFG)
+    # a grid that is no (scale, zero point) pair is refused by name, not stored half
+    twin_cfg = dict(QCFG, act_quantizer=dict(type='TwinUniformQuantizer', init='minmax'))
+    twin = mmbrecq.quantize_model(_build(), twin_cfg)
+    mmbrecq.calibrate_activations(twin, [_images(2, seed=7)], lambda m, b: m(b, mode='tensor'))
+    with pytest.raises(NotImplementedError, match='TwinUniformQuantizer has no single-grid integer form'):
+        to_integer_checkpoint(twin, twin_cfg)
 
 
 # ---------------------------------------------------------------------------------------

@@ -107,3 +107,23 @@ def test_sharded_range_init_uses_the_global_maximum():
     x = _softmax(seed=2)
     q.init_range(x, LocalReducer())  # a reducer: statistics combined over processes (here one)
     assert q.initialized and float(q.scale) == float(x.max())
+
+
+@pytest.mark.parametrize('k', [2.0, 1.0])
+def test_exp2_is_pow_on_every_grid_exponent(k):
+    """The fused forward computes ``2^(-c/k)`` with exp2 in float32; the plain ops (and the
+    export) with pow: the same floats for every code of every width."""
+    e = torch.arange(1 << 16, dtype=torch.float32).div_(-k)
+    assert torch.equal(torch.exp2(e), torch.pow(2.0, e))
+
+
+def test_fused_forward_other_dtypes_and_eight_bits():
+    """float64 keeps pow; at 8 bits (log-sqrt2) a non-positive input's code is below the top
+    code, so it is zeroed by its own test."""
+    for bits, dtype in ((4, torch.float64), (8, torch.float32), (8, torch.float64)):
+        q = Log2Quantizer(bits=bits)
+        x = torch.cat([_softmax(seed=9).reshape(-1), torch.tensor([0.0, -1.0, 1e-45, 3.0])]).to(dtype)
+        q.init_range(x)
+        out = q(x)
+        assert torch.equal(out, q._values(x, q.scale.to(dtype)))
+        assert out[-4] == 0 and out[-3] == 0 and out.dtype == dtype

@@ -134,6 +134,20 @@ class _TransformerRule(BlockRule):
         for m in block.modules():
             if hasattr(m, 'attach_matmul_quantizers'):
                 m.attach_matmul_quantizers([make_act(kind) for kind in MATMUL_KINDS])
+        if not self.qcfg['transformer']['learn_entry_step']:
+            self._fix_entry_step(block)
+
+    @staticmethod
+    def _fix_entry_step(block):
+        """``transformer.learn_entry_step=False``: the unit's first Linear (``qkv``, or the MLP's
+        first) keeps its input step as calibrated. That step is the only one whose gradient
+        needs the Linear's data gradient (``dY . W``, a matmul the float forward+backward does
+        not run): a transformer unit's input is a LayerNorm output, which no other unit learns
+        (unlike chained CNN blocks, whose predecessor learns their input step)."""
+        first = _first_linear(block)
+        q = getattr(block.get_submodule(first), 'input_quantizer', None) if first is not None else None
+        if q is not None and hasattr(q, 'fix_step'):
+            q.fix_step()
 
     def input_kind(self, block, layer_name):
         if (layer_name == 'attn.qkv' and isinstance(block, _types(VIT_LAYER))

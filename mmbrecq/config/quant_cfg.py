@@ -242,6 +242,8 @@ TRANSFORMER = Section(dict(
     post_ln=Key(None, _quantizer_or_none),          # inputs of qkv and of the MLP's first Linear (or
                                                     # ChannelReparamQuantizer)
     post_gelu=Key(None, _quantizer_or_none),        # input of the MLP's second Linear
+    learn_entry_step=Key(True, boolean),            # learn the step of each unit's first Linear input
+                                                    # (False: kept at its calibrated value)
 ))
 
 # -- the whole section ---------------------------------------------------------------------

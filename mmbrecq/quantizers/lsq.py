@@ -25,6 +25,9 @@ class LSQQuantizer(UniformQuantizer):
     the choice is not the quantizer's own: the step draws which elements come from the
     quantized stream and which from the float model, and :meth:`set_stream_mask` tells the
     quantizer to quantize only the former.
+
+    :meth:`fix_step` keeps the step at its calibrated value: the reconstruction then leaves
+    it out (``learn_step`` is ``False``) and computes no gradient for it.
     """
 
     def __init__(self, bits=8, grad_scale=True, **kwargs):
@@ -34,7 +37,13 @@ class LSQQuantizer(UniformQuantizer):
         self.use_grad_scale = grad_scale
         self.qdrop_prob = None
         self.stream_mask = None
+        self.learn_step = True
         self.scale.requires_grad_(True)
+
+    def fix_step(self):
+        """Keep the step as calibrated: not learned by the reconstruction, no gradient."""
+        self.learn_step = False
+        self.scale.requires_grad_(False)
 
     def set_qdrop(self, prob=None):
         """QDrop on (``prob``: probability of keeping the quantized value, in [0, 1]) or off."""
@@ -84,6 +93,12 @@ class LSQQuantizer(UniformQuantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         xq = fake_quant_lsq(x, self._broadcast(self.scale, x), self._broadcast(self.zero_point, x), self.qmin,
                             self.qmax, self.step_grad_factor(x))
+        return self._qdrop_mix(x, xq)
+
+    def _qdrop_mix(self, x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+        """QDrop: the unit input's stream mask (:meth:`set_stream_mask`), else in training each
+        element keeps ``xq`` with probability ``qdrop_prob`` and ``x`` otherwise (shared by the
+        subclasses whose grid differs)."""
         if self.stream_mask is not None:
             if self.stream_mask.shape != x.shape:
                 raise ValueError(f'stream mask of shape {tuple(self.stream_mask.shape)} for an input of shape '

@@ -29,11 +29,11 @@ def step_quantizers(unit, out_quantizer=None, input_learned=False):
     applied to this unit's output during the optimisation (``out_quantizer``) and the
     next unit then keeps it fixed (``input_learned``). Besides matching the reference,
     this spares every step the gradient w.r.t. the cached input (a data-gradient
-    convolution of the first layer).
+    convolution of the first layer). Steps kept fixed (``learn_step`` off) are not learned.
     """
     skip = entry_quantizer(unit) if input_learned else None
     aq = [q for q in quantizers_of(unit.module, 'act')
-          if isinstance(q, LSQQuantizer) and q.enabled and q is not skip]
+          if isinstance(q, LSQQuantizer) and q.enabled and q.learn_step and q is not skip]
     if out_quantizer is not None:
         aq.append(out_quantizer)
     return aq
