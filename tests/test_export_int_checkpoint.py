@@ -208,7 +208,7 @@ def test_errors(qmodel, int_ckpt, tmp_path):
     twin_cfg = dict(QCFG, act_quantizer=dict(type='TwinUniformQuantizer', init='minmax'))
     twin = mmbrecq.quantize_model(_build(), twin_cfg)
     mmbrecq.calibrate_activations(twin, [_images(2, seed=7)], lambda m, b: m(b, mode='tensor'))
-    with pytest.raises(NotImplementedError, match='TwinUniformQuantizer has no single-grid integer form'):
+    with pytest.raises(NotImplementedError, match='TwinUniformQuantizer has no integer checkpoint entry'):
         to_integer_checkpoint(twin, twin_cfg)
 
 
