@@ -8,6 +8,7 @@ the spread is a tie. The verdict column compares each variant with the default.
 
     python benchmarks/bench_ablations.py [--model resnet18] [--settings w2a2 w4a4]
         [--seeds 0 1 2] [--iters 300] [--num-samples 256] [--variants default mse ...]
+        [--act-stream float|quantized]
         [--json rows.json]
 """
 import argparse
@@ -22,8 +23,9 @@ from mmbrecq.engine.demo import DIGITS_MODELS, digits_benchmark_setup, top1_and_
 
 
 def variants(first, after_first, last, a_bits):
-    """name -> (quant_cfg extras, recon extras, activation-range init: 64 = the first batch of
-    the quantized stream, None = all calibration images, 'float' = the first batch, float model).
+    """name -> (quant_cfg extras, recon extras, activation-range init: 64 = the first batch,
+    None = all calibration images, 'other' = the first batch on the other stream than
+    ``--act-stream``).
 
     ``first`` / ``after_first`` / ``last``: the float model's first layer, the layer reading
     its output, its last layer (the bit-placement ablations override their input bits).
@@ -41,10 +43,10 @@ def variants(first, after_first, last, a_bits):
         'two_stage': ({}, dict(act_mode='two_stage', act_lr=4e-4), 64),
         'two_pass': ({}, dict(act_mode='two_pass', act_lr=4e-4), 64),
         # activation range init on all calibration images instead of the first batch (64), and
-        # from the float model's activations (the QDrop code's) instead of the quantized stream
+        # on the other stream (float model <-> quantized stream, see --act-stream)
         'act_init_all': ({}, {}, None),
-        'act_init_float': ({}, {}, 'float'),
-        'qdrop_act_init_float': ({}, dict(input_mix='qdrop'), 'float'),
+        'act_stream_other': ({}, {}, 'other'),
+        'qdrop_act_stream_other': ({}, dict(input_mix='qdrop'), 'other'),
         'act_lr_4e-4': ({}, dict(act_lr=4e-4), 64),
         'batch_64': ({}, dict(batch_size=64), 64),
         # QDrop: probability of keeping the quantized value, and with the QDrop code's MSE loss
@@ -58,6 +60,9 @@ def variants(first, after_first, last, a_bits):
     }
 
 
+OTHER_STREAM = dict(float='quantized', quantized='float')
+
+
 def run(setting, name, spec, args, float_model, calib, test_batches, fp_logits, seed):
     import mmbrecq
     quant_extra, recon_extra, init_images = spec
@@ -65,7 +70,8 @@ def run(setting, name, spec, args, float_model, calib, test_batches, fp_logits, 
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(quant_extra, w_bits=w, a_bits=a))
     mmbrecq.set_quant_state(model, True, True)
     init = [_concat(calib.batches)] if init_images is None else calib.batches[:1]
-    mmbrecq.calibrate_activations(model, init, calib.forward, stream='float' if init_images == 'float' else 'quantized')
+    stream = args.act_stream if init_images != 'other' else OTHER_STREAM[args.act_stream]
+    mmbrecq.calibrate_activations(model, init, calib.forward, stream=stream)
     t0 = time.perf_counter()
     mmbrecq.reconstruct(model, calib, dict(iters=args.iters, progress=False, seed=seed, **recon_extra),
                         logger='silent')
@@ -107,6 +113,8 @@ def main():
     p.add_argument('--iters', type=int, default=300)
     p.add_argument('--num-samples', type=int, default=256)
     p.add_argument('--variants', nargs='+', default=None, help='default: all')
+    p.add_argument('--act-stream', default='float', choices=sorted(OTHER_STREAM),
+                   help="activation ranges of every variant (quant_cfg.calib.act_stream; default 'float')")
     p.add_argument('--json', help='also write the rows to this file (rewritten after every run)')
     p.add_argument('--tables-from', nargs='+', metavar='JSON',
                    help='print the table of saved runs (several --json files, e.g. one per seed) and exit')

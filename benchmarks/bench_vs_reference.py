@@ -67,9 +67,20 @@ IMPLS = {
     'brecq_qdrop': ("mmbrecq input_mix='qdrop'", 'mmbrecq', dict(recon=dict(input_mix='qdrop'), quant=dict())),
     'brecq_convention_ref': ("mmbrecq convention='reference'", 'mmbrecq',
                              dict(recon=dict(), quant=dict(convention='reference'))),
+    # activation ranges on the quantized stream instead of the float model (calib.act_stream)
+    'brecq_quantized': ("mmbrecq act_stream='quantized'", 'mmbrecq',
+                        dict(recon=dict(), quant=dict(), stream='quantized')),
+    'brecq_qdrop_quantized': ("mmbrecq input_mix='qdrop', act_stream='quantized'", 'mmbrecq',
+                              dict(recon=dict(input_mix='qdrop'), quant=dict(), stream='quantized')),
+    'brecq_convention_ref_quantized': ("mmbrecq convention='reference', act_stream='quantized'", 'mmbrecq',
+                                       dict(recon=dict(), quant=dict(convention='reference'), stream='quantized')),
 }
 #: each mmbrecq row is compared with the reference that implements the same method
-COMPARE_TO = dict(brecq='ref_brecq', brecq_qdrop='ref_qdrop', brecq_convention_ref='ref_brecq')
+COMPARE_TO = dict(brecq='ref_brecq', brecq_qdrop='ref_qdrop', brecq_convention_ref='ref_brecq',
+                  brecq_quantized='ref_brecq', brecq_qdrop_quantized='ref_qdrop',
+                  brecq_convention_ref_quantized='ref_brecq')
+#: the rows run unless --impls says otherwise
+DEFAULT_IMPLS = ['ref_brecq', 'ref_qdrop', 'brecq', 'brecq_qdrop', 'brecq_convention_ref']
 DEFAULT_SETTINGS = ['w4a4', 'w3a3', 'w2a4', 'w2a2']
 
 
@@ -126,7 +137,8 @@ def save_shared_tensors(path, float_model, calib, test_batches, fp_logits):
 # ----------------------------------------------------------------------------- the runs
 def run_mmbrecq(setting, options, iters, seed, float_model, calib, test_batches, fp_logits):
     """One mmbrecq row: quantize, activation ranges on the first calibration batch (64 images,
-    as the reference's ``cali_data[:64]``), reconstruct, score. ``seconds``: from the
+    as the reference's ``cali_data[:64]``; on the float model unless the row says
+    ``stream='quantized'``), reconstruct, score. ``seconds``: from the
     activation ranges on (the reference driver's: from building the model on)."""
     import mmbrecq
     from mmbrecq.engine.demo import top1_and_kl
@@ -135,7 +147,7 @@ def run_mmbrecq(setting, options, iters, seed, float_model, calib, test_batches,
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(options['quant'], w_bits=w, a_bits=a))
     t0 = time.perf_counter()
     mmbrecq.set_quant_state(model, True, True)
-    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward)
+    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward, stream=options.get('stream', 'float'))
     mmbrecq.reconstruct(model, calib, dict(iters=iters, progress=False, seed=seed, **options['recon']),
                         logger='silent')
     seconds = time.perf_counter() - t0
@@ -263,7 +275,7 @@ def main():
     p.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
     p.add_argument('--iters', type=int, default=300, help='iterations per unit (see the docstring)')
     p.add_argument('--num-samples', type=int, default=256, help='calibration images')
-    p.add_argument('--impls', nargs='+', default=list(IMPLS), choices=list(IMPLS))
+    p.add_argument('--impls', nargs='+', default=DEFAULT_IMPLS, choices=list(IMPLS))
     p.add_argument('--model', default='resnet18', choices=sorted(DIGITS_MODELS),
                    help='a digits demo float model with a ResNet (BasicBlock) backbone')
     p.add_argument('--json', help='write the per-seed rows here (after every run)')

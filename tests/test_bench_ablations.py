@@ -16,7 +16,7 @@ import bench_ablations  # noqa: E402
 def test_every_variant_is_a_valid_quant_cfg(name, spec):
     quant_extra, recon_extra, init_images = spec
     merged = validate_quant_cfg(dict(quant_extra, w_bits=2, a_bits=2, recon=recon_extra))
-    assert merged['w_bits'] == 2 and init_images in (64, None, 'float'), name
+    assert merged['w_bits'] == 2 and init_images in (64, None, 'other'), name
 
 
 def test_table_verdicts_follow_the_seed_spread():

@@ -237,13 +237,13 @@ def _key(stage, unit):
 
 
 def _recalibrate_activations(qmodel, calib):
-    """The reference's activation init after its weights pass: the Lp range search again, now
-    with the learned rounding upstream (a folded reparameterised quantizer searches its
-    per-tensor range again)."""
+    """The reference's activation init after its weights pass: the Lp range search again, on
+    the quantized stream with the learned rounding upstream, as the reference does (a folded
+    reparameterised quantizer searches its per-tensor range again)."""
     for q in quantizers_of(qmodel, 'act'):
         q.reset_range()
     set_quant_state(qmodel, True, True)
-    calibrate_activations(qmodel, calib.batches[:1], calib.forward)
+    calibrate_activations(qmodel, calib.batches[:1], calib.forward, stream='quantized')
 
 
 _ORIGIN = dict(  # which cache is not finite -> where the cause lies
