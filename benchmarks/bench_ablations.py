@@ -114,7 +114,8 @@ def main():
     p.add_argument('--num-samples', type=int, default=256)
     p.add_argument('--variants', nargs='+', default=None, help='default: all')
     p.add_argument('--act-stream', default='float', choices=sorted(OTHER_STREAM),
-                   help="activation ranges of every variant (quant_cfg.calib.act_stream; default 'float')")
+                   help="activation ranges of every variant (quant_cfg.calib.act_stream; default 'float', "
+                        "what 'auto' picks for these CNNs)")
     p.add_argument('--json', help='also write the rows to this file (rewritten after every run)')
     p.add_argument('--tables-from', nargs='+', metavar='JSON',
                    help='print the table of saved runs (several --json files, e.g. one per seed) and exit')

@@ -40,7 +40,7 @@ def run(setting, method, args, cfg, float_model, calib, test_batches, fp_logits)
     w, a = (int(x) for x in setting[1:].split('a'))
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(args.quant_cfg, w_bits=w, a_bits=a))
     mmbrecq.set_quant_state(model, True, True)
-    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward)
+    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward, stream=args.act_stream)
     t0 = time.perf_counter()
     if METHODS[method] is not None:
         recon = dict(iters=args.iters, progress=False, seed=args.seed, **METHODS[method])
@@ -77,6 +77,8 @@ def main():
     p.add_argument('--model', default='resnet18', choices=sorted(DIGITS_MODELS),
                    help='the demo float model (slim ResNet-18, MobileNetV3-small-0.5 or a small ViT)')
     p.add_argument('--quant-cfg', default='dict()', help='extra quant_cfg keys, a Python dict literal')
+    p.add_argument('--act-stream', default='auto', choices=['auto', 'float', 'quantized'],
+                   help='where the activation ranges are searched (quant_cfg.calib.act_stream)')
     p.add_argument('--json', help='also write the rows to this file')
     args = p.parse_args()
     args.quant_cfg = _literal_dict(args.quant_cfg)

@@ -147,7 +147,7 @@ def run_mmbrecq(setting, options, iters, seed, float_model, calib, test_batches,
     model = mmbrecq.quantize_model(copy.deepcopy(float_model), dict(options['quant'], w_bits=w, a_bits=a))
     t0 = time.perf_counter()
     mmbrecq.set_quant_state(model, True, True)
-    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward, stream=options.get('stream', 'float'))
+    mmbrecq.calibrate_activations(model, calib.batches[:1], calib.forward, stream=options.get('stream', 'auto'))
     mmbrecq.reconstruct(model, calib, dict(iters=iters, progress=False, seed=seed, **options['recon']),
                         logger='silent')
     seconds = time.perf_counter() - t0

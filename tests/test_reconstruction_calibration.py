@@ -7,6 +7,7 @@ from torch import nn
 
 import mmbrecq
 from mmbrecq.modules import quantizers_of
+from mmbrecq.modules.quant_attention import QuantMatmulMixin
 from mmbrecq.quantizers import LSQQuantizer
 
 torch.set_num_threads(1)
@@ -37,6 +38,33 @@ def test_ranges_from_the_float_model_or_the_quantized_stream(stream):
     assert all(q.enabled and not q.observing for q in quantizers_of(model))
     with torch.no_grad():
         assert not torch.equal(model(x), net(x))
+
+
+class _Attention(QuantMatmulMixin, nn.Module):
+    def __init__(self):
+        nn.Module.__init__(self)
+
+
+class _WithAttention(nn.Module):
+    """A CNN that also holds a quantized attention module (what 'auto' looks for)."""
+
+    def __init__(self, cnn):
+        super().__init__()
+        self.cnn, self.attn = cnn, _Attention()
+
+    def forward(self, x):
+        return self.cnn(x)
+
+
+@pytest.mark.parametrize('with_attention', [False, True])
+def test_auto_is_float_for_cnns_and_quantized_for_transformers(with_attention):
+    net, model, x = _model_and_batch()
+    auto = _WithAttention(model) if with_attention else model
+    mmbrecq.calibrate_activations(auto, [x])  # the default: 'auto'
+    _, explicit, _ = _model_and_batch()
+    mmbrecq.calibrate_activations(explicit, [x], stream='quantized' if with_attention else 'float')
+    for a, b in zip(quantizers_of(model, 'act'), quantizers_of(explicit, 'act')):
+        assert torch.equal(a.scale, b.scale) and torch.equal(a.zero_point, b.zero_point)
 
 
 def test_unknown_stream_names_the_key():

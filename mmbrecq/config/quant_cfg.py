@@ -83,7 +83,8 @@ CALIB = Section(dict(
     dataloader=Key(None, optional(lambda v, p: v if isinstance(v, dict) else _not_dict(v, p))),
     seed=Key(0, integer),
     pad_to=Key('max', _pad_to),          # 'max' (largest calibration image), (H, W), or None
-    act_stream=Key('float', one_of('float', 'quantized')),  # activation ranges: float model | quantized stream
+    act_stream=Key('auto', one_of('auto', 'float', 'quantized')),  # activation ranges: float model (CNNs) |
+                                                                   # quantized stream (transformers)
     num_proposals=Key(256, positive_int),  # two-stage detectors: fixed float-model proposals per image
 ))
 

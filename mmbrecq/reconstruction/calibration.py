@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from mmbrecq.modules import quantizers_of
+from mmbrecq.modules.quant_attention import QuantMatmulMixin
 from mmbrecq.modules.reparam import fold_post_ln_scales, plan_post_ln_folds
 from mmbrecq.utils.batch import batch_size
 from mmbrecq.utils.dist import ShardReducer
@@ -46,20 +47,27 @@ class CalibrationSet:
 
 
 @torch.no_grad()
-def calibrate_activations(model: nn.Module, batches, forward=None, stream='float'):
+def calibrate_activations(model: nn.Module, batches, forward=None, stream='auto'):
     """Initialise every activation quantizer's range from calibration batches.
 
-    ``stream='float'`` (default, ``quant_cfg.calib.act_stream``): every range from the float
-    model's activations (weights and upstream activations unquantized), as the QDrop code
-    does; measured better than the alternative at every bit width on the digits models
-    (README, Ablations): at W2A2 nearest-rounded 2-bit weights upstream distort what a
-    range would be fitted to, and reconstruction then has to undo it. ``stream='quantized'``:
-    quantizers initialise on the first batch that reaches them, in execution order, so each
-    one sees inputs already quantized upstream (weights at nearest rounding).
+    ``stream`` (``quant_cfg.calib.act_stream``), measured in the README's ablations:
+
+    - ``'float'``: every range from the float model's activations (weights and upstream
+      activations unquantized), as the QDrop code does. Better on the CNNs (ResNets,
+      MobileNetV3): at low bits, nearest-rounded weights upstream distort what a range
+      would be fitted to, and reconstruction then has to undo it.
+    - ``'quantized'``: quantizers initialise on the first batch that reaches them, in
+      execution order, so each one sees inputs already quantized upstream (weights at
+      nearest rounding). Better on the transformers (the digits ViT).
+    - ``'auto'`` (default): ``'quantized'`` for a model with quantized attention, else
+      ``'float'``.
+
     ``forward(model, batch)`` runs one batch (default: ``model(batch)``).
     """
-    if stream not in ('quantized', 'float'):
-        raise ValueError(f"stream={stream!r}: expected 'quantized' or 'float' (quant_cfg.calib.act_stream)")
+    if stream not in ('auto', 'quantized', 'float'):
+        raise ValueError(f"stream={stream!r}: expected 'auto', 'quantized' or 'float' (quant_cfg.calib.act_stream)")
+    if stream == 'auto':
+        stream = 'quantized' if any(isinstance(m, QuantMatmulMixin) for m in model.modules()) else 'float'
     plan_post_ln_folds(model)  # pairs folded without a shift calibrate shift-free grids
     acts = [q for q in quantizers_of(model, 'act') if q.enabled and not q.initialized]
     # the float stream: every other quantizer (weights, ranges already set) off meanwhile
