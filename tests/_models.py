@@ -42,12 +42,17 @@ def reconstructed_like_resnet18(seed=0, qcfg=FAST_QCFG):
     """A quantized ResNet-18 as reconstruction leaves it: activations calibrated, every other
     layer in hard rounding with (random) learned alpha, the rest in nearest rounding."""
     import mmbrecq
-    from mmbrecq.modules import QuantLayerMixin
     model = mmbrecq.quantize_model(build_classifier('resnet/resnet18_8xb32_in1k.py', seed), qcfg)
     mmbrecq.calibrate_activations(model, [images(8, seed=7)], lambda m, b: m(b, mode='tensor'))
-    g = torch.Generator().manual_seed(11)
-    layers = [m for m in model.modules() if isinstance(m, QuantLayerMixin)]
-    for layer in layers[1::2]:
+    return random_hard_rounding(model)
+
+
+def random_hard_rounding(model, seed=11):
+    """Every other quantized layer of ``model`` in hard rounding from a random alpha (as a
+    reconstruction leaves it), the rest in nearest rounding; returns ``model``."""
+    from mmbrecq.modules import QuantLayerMixin
+    g = torch.Generator().manual_seed(seed)
+    for layer in [m for m in model.modules() if isinstance(m, QuantLayerMixin)][1::2]:
         q = layer.weight_quantizer
         q.set_rounding('soft', layer.weight)
         with torch.no_grad():

@@ -23,7 +23,7 @@ from mmbrecq.export import (
 from mmbrecq.export.int_checkpoint import pack_nibbles, unpack_nibbles
 from mmbrecq.modules import QuantLayerMixin, quantizers_of, set_quant_state
 
-from _models import FAST_QCFG, build_classifier, images, reconstructed_like_resnet18
+from _models import FAST_QCFG, build_classifier, images, random_hard_rounding, reconstructed_like_resnet18
 
 torch.set_num_threads(1)  # 2-core CI
 
@@ -300,14 +300,7 @@ def _vit_quantized(digits_vit, qcfg):
     _, model, batches = digits_vit
     qmodel = mmbrecq.quantize_model(copy.deepcopy(model), qcfg)
     mmbrecq.calibrate_activations(qmodel, batches[:1], tensor_forward)
-    g = torch.Generator().manual_seed(11)
-    for layer in [m for m in qmodel.modules() if isinstance(m, QuantLayerMixin)][1::2]:
-        q = layer.weight_quantizer
-        q.set_rounding('soft', layer.weight)
-        with torch.no_grad():
-            q.alpha.copy_(torch.randn(layer.weight.shape, generator=g) * 3)
-        q.set_rounding('hard')
-    return qmodel
+    return random_hard_rounding(qmodel)
 
 
 def _fresh_vit(digits_vit, seed=5):
