@@ -158,6 +158,8 @@ class BlockReconstructor:
             if work_dir:
                 self._save_state(qmodel, work_dir, done, records)
             emit('after_recon_unit', index=i, unit=unit, record=record, records=records)
+        if carry is not None:  # the last unit's caches: nothing reads them after this pass
+            carry.release()
 
     def _optimise(self, unit, data, trace, i, bar, out_q, logger, calib, stage=None):
         """Optimise ``unit``; on a non-finite loss restore it (and ``out_q``) and fail or fall
