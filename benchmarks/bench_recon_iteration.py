@@ -15,7 +15,9 @@ For ``--model deit-s`` the units are those of one ``TransformerEncoderLayer`` of
 attention and MLP halves, and a last line for the two together, i.e. the whole layer's step
 against the float forward+backward of both halves; ``--unit layer``: the layer as one unit):
 the Linears in soft AdaRound, LSQ on their inputs and on Q, K, V, the log-sqrt2 quantizer on
-the softmax output. ``--learn-entry-step yes|no`` overrides ``transformer.learn_entry_step``.
+the softmax output. ``--learn-entry-step yes|no`` overrides ``transformer.learn_entry_step``,
+``--entry-step-stride K`` ``transformer.entry_step_stride``; ``--profile N`` adds the N
+costliest operators of each step and its page faults.
 """
 import argparse
 import copy
@@ -63,6 +65,22 @@ def seconds_per_iter(run, iters, device):
     return (time.perf_counter() - t0) / iters
 
 
+def profile_steps(steps, iters, top):
+    """The ``top`` operators by self time of each step function, and the minor page faults
+    per step (a fresh large buffer costs one fault per 4 KiB page on first touch)."""
+    import resource
+
+    from torch.profiler import ProfilerActivity, profile
+    for label, fn in steps.items():
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        fn(iters)
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / iters
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            fn(iters)
+        print(f'  -- {label}: {faults:.0f} minor page faults per step')
+        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=top))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='resnet18', choices=sorted(MODELS))
@@ -71,6 +89,8 @@ def main():
                    help='transformers: quant_cfg.transformer.unit (default: its default)')
     p.add_argument('--learn-entry-step', default=None, choices=['yes', 'no'],
                    help='transformers: quant_cfg.transformer.learn_entry_step (default: its default)')
+    p.add_argument('--entry-step-stride', type=int, default=None,
+                   help='transformers: quant_cfg.transformer.entry_step_stride (default: its default)')
     p.add_argument('--iters', type=int, default=20)
     p.add_argument('--samples', type=int, default=64, help='cached samples per unit')
     p.add_argument('--batch-size', type=int, default=32)
@@ -79,6 +99,8 @@ def main():
                    help='alternating rounds of baseline and ours; the minimum of each is kept, which '
                         'filters out interference from other processes')
     p.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: torch default)')
+    p.add_argument('--profile', type=int, default=0, metavar='N',
+                   help='also print the N operators with the most self time in each step (torch.profiler)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     args = p.parse_args()
     if args.threads:
@@ -104,6 +126,8 @@ def main():
     transformer = dict(unit=args.unit or DEFAULTS['transformer']['unit'])
     if args.learn_entry_step is not None:
         transformer['learn_entry_step'] = args.learn_entry_step == 'yes'
+    if args.entry_step_stride is not None:
+        transformer['entry_step_stride'] = args.entry_step_stride
     default_blocks = HALVES if args.model == 'deit-s' and transformer['unit'] == 'halves' else MODELS[args.model][1]
     args.blocks = args.blocks or default_blocks
     qcfg = dict(w_bits=4, a_bits=4, transformer=transformer)
@@ -185,6 +209,8 @@ def main():
             for _ in range(args.rounds):
                 t_float = min(t_float, seconds_per_iter(float_steps, args.iters, device))
                 t_recon = min(t_recon, seconds_per_iter(run, args.iters, device))
+            if args.profile:
+                profile_steps(dict(float=float_steps, recon=run), args.iters, args.profile)
         print(f'{name:20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}', flush=True)
         totals = [totals[0] + t_float, totals[1] + t_recon]
     if args.blocks == HALVES:  # the whole layer's step: both halves

@@ -243,3 +243,99 @@ def test_quant_twin_maps_float_layers_and_subclasses_only():
     assert quant_twin(QuantConv2d.from_float(conv, wq, None)) is None
     lin = nn.Linear(3, 4)
     assert quant_twin(QuantLinear.from_float(lin, UniformQuantizer(bits=4, num_channels=4), None)) is None
+
+
+# ---------------------------------------------------------------------------------------
+# sampled step gradient of the input quantizer (sample_input_step_grad)
+# ---------------------------------------------------------------------------------------
+def _sampling_case(kind, stride, seed=0):
+    torch.manual_seed(seed)
+    if kind == 'linear':
+        layer, x = nn.Linear(7, 5), torch.randn(8, 3, 7, generator=_seeded(11))
+        twin = QuantLinear
+    else:
+        layer, x = nn.Conv2d(3, 4, 3, padding=1), torch.randn(8, 3, 6, 6, generator=_seeded(11))
+        twin = QuantConv2d
+    wq, iq = _quantizers(layer.weight, x, w_bits=3, a_bits=3, weight_cls=AdaRoundQuantizer)
+    q = twin.from_float(layer, wq, iq)
+    wq.set_rounding('soft', q.weight)
+    for p in q.parameters():
+        p.requires_grad_(False)
+    wq.alpha.requires_grad_(True)
+    iq.scale.requires_grad_(True)
+    q.sample_input_step_grad(stride)
+    return q, x
+
+
+def _grads(q, x, out_weight):
+    q.weight_quantizer.alpha.grad = q.input_quantizer.scale.grad = None
+    out = q(x)
+    (out * out_weight).sum().backward()
+    return out.detach(), q.weight_quantizer.alpha.grad.clone(), q.input_quantizer.scale.grad.clone()
+
+
+@pytest.mark.parametrize('kind', ['linear', 'conv'])
+def test_sampled_step_grad_keeps_output_and_weight_gradient_exact(kind):
+    q, x = _sampling_case(kind, 1)
+    out_weight = torch.randn(q(x).shape, generator=_seeded(12))
+    out, g_alpha, g_step = _grads(q, x, out_weight)
+    q.sample_input_step_grad(4)
+    out4, g_alpha4, g_step4 = _grads(q, x, out_weight)
+    assert torch.equal(out4, out)
+    torch.testing.assert_close(g_alpha4, g_alpha, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(g_step4, g_step)  # an estimate, from 2 of the 8 samples
+
+    # the estimate is exactly stride x the step gradient of samples 0 and 4 alone
+    q.sample_input_step_grad(1)
+    with torch.no_grad():
+        keep = torch.zeros_like(out_weight)
+        keep[::4] = 4 * out_weight[::4]
+    _, _, g_sub = _grads(q, x, keep)
+    torch.testing.assert_close(g_step4, g_sub, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_step_grad_is_unbiased_over_the_samples():
+    """Averaged over the ``stride`` sample offsets (what random batches average over), the
+    estimate is the full gradient."""
+    q, x = _sampling_case('linear', 1)
+    out_weight = torch.randn(q(x).shape, generator=_seeded(13))
+    _, _, g_full = _grads(q, x, out_weight)
+    q.sample_input_step_grad(4)
+    estimates = [_grads(q, x.roll(-k, 0), out_weight.roll(-k, 0))[2] for k in range(4)]
+    torch.testing.assert_close(torch.stack(estimates).mean(0), g_full, rtol=1e-5, atol=1e-7)
+
+
+def test_sampled_step_grad_applies_only_when_the_input_needs_no_gradient():
+    q, x = _sampling_case('linear', 4)
+    out_weight = torch.randn(q(x).shape, generator=_seeded(14))
+    _, _, g_sampled = _grads(q, x, out_weight)
+    q.sample_input_step_grad(1)
+    _, _, g_full = _grads(q, x, out_weight)
+    q.sample_input_step_grad(4)
+    x_grad = x.clone().requires_grad_(True)  # an inner layer: the exact data gradient is needed anyway
+    _, _, g = _grads(q, x_grad, out_weight)
+    torch.testing.assert_close(g, g_full, rtol=1e-6, atol=1e-7)
+    assert x_grad.grad is not None and not torch.equal(g_sampled, g_full)
+    q.input_quantizer.fix_step()  # a fixed step: nothing to sample, the layer runs as usual
+    assert not q.input_quantizer.step_grad_samplable
+    with torch.no_grad():
+        assert torch.equal(q(x), F.linear(q.input_quantizer(x), q.quantized_weight(), q.bias))
+
+
+def test_sampled_step_grad_is_off_under_a_qdrop_draw_or_a_stream_mask():
+    q, x = _sampling_case('linear', 4)
+    iq = q.input_quantizer
+    assert iq.step_grad_samplable
+    iq.train()
+    iq.set_qdrop(0.5)
+    assert not iq.step_grad_samplable
+    iq.set_qdrop(None)
+    iq.set_stream_mask(torch.ones_like(x, dtype=torch.bool))
+    assert not iq.step_grad_samplable
+
+
+@pytest.mark.parametrize('stride', [0, -1, 1.5, True])
+def test_sample_input_step_grad_rejects_a_bad_stride(stride):
+    q, _ = _sampling_case('linear', 1)
+    with pytest.raises(ValueError, match='QuantLinear: the step-gradient stride'):
+        q.sample_input_step_grad(stride)

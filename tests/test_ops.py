@@ -350,7 +350,8 @@ def test_kernel_instruction_set_versions_agree_bitwise():
             out, d, mask = m.fake_quant_forward(x, 0.0625, 3.0, 0, 255, True, True)
             gx, total = m.fake_quant_backward(g, d.clone(), mask, True)
             loss, gout, ssum = m.squared_error_forward(x, y, w, 1260, True, 0.0625, 3.0, 0, 255, True, True)
-            results[isa] = (out, d, mask, gx, total, loss, gout, ssum)
+            lq = _log_quant_kernel(x.abs() / 4, 0.5, 2, 15)
+            results[isa] = (out, d, mask, gx, total, loss, gout, ssum, lq)
     finally:
         m.set_isa(before)
     ref = results['isa_base']
@@ -601,3 +602,57 @@ def test_quantized_loss_overridden_quantize_uses_composition(no_fused_node):
     q.initialized = True
     out0, y = torch.randn(2, 3, 4, 4, generator=_gen(42)), torch.randn(2, 3, 4, 4, generator=_gen(43))
     _falls_back(q, out0, y)
+
+
+# ---------------------------------------------------------------------------------------
+# logarithmic quantizer (Log2Quantizer's forward)
+# ---------------------------------------------------------------------------------------
+def _log_quant_kernel(x, delta, k, qmax):
+    from mmbrecq.quantizers.log2 import _levels, _mantissa_bits
+    return cpu_kernels.log_quant_forward(x, delta, k, qmax, _levels(qmax, float(k)), _mantissa_bits(float(k)))
+
+
+def _log_inputs(delta, seed=0):
+    """Softmax-like values, grid points and their float neighbours, half-code boundaries,
+    and the special values."""
+    g = _gen(seed)
+    soft = torch.softmax(torch.randn(2, 3, 33, 33, generator=g) * 4, dim=-1).reshape(-1)
+    codes = torch.arange(0, 300, dtype=torch.float64)
+    grid = (delta * torch.pow(2.0, -codes / 2)).float()
+    half = (delta * torch.pow(2.0, -(codes + 0.5) / 2)).float()
+    near = torch.cat([grid, half, torch.nextafter(half, torch.zeros(())), torch.nextafter(half, torch.ones(()))])
+    special = torch.tensor([0.0, -0.0, -1.0, 1e-45, 1e-40, 1e-38, 3.0, delta, 2 * delta, float('inf'),
+                            float('-inf'), float('nan'), torch.finfo(torch.float32).tiny, 1.0])
+    return torch.cat([soft, near, special])
+
+
+@needs_kernels
+@pytest.mark.parametrize('bits,base', [(3, 'sqrt2'), (4, 'sqrt2'), (4, '2'), (8, 'sqrt2'), (8, '2')])
+@pytest.mark.parametrize('delta', [1.0, 0.7071, 0.123])
+def test_log_quant_kernel_equals_torch_code(bits, base, delta):
+    from mmbrecq.quantizers import Log2Quantizer
+    q = Log2Quantizer(bits=bits, base=base)
+    q.load_qparams(torch.tensor(delta), torch.tensor(0.0))
+    x = _log_inputs(delta, seed=bits)
+    out = q(x)
+    with cpu_kernels.disabled():
+        ref = q(x)
+    assert torch.equal(out.isnan(), ref.isnan()) and int(out.isnan().sum()) == 1  # nan stays nan
+    assert torch.equal(out[~out.isnan()], ref[~ref.isnan()])
+    with cpu_kernels.disabled():
+        assert torch.equal(torch.nan_to_num(q._values(x, q.scale)), torch.nan_to_num(ref))
+
+
+@needs_kernels
+def test_log_quant_kernel_large_non_contiguous_and_threads():
+    from mmbrecq.quantizers import Log2Quantizer
+    q = Log2Quantizer(bits=4)
+    x = torch.softmax(torch.randn(8, 6, 70, 70, generator=_gen(3)) * 3, dim=-1).transpose(-2, -1)
+    q.init_range(x)
+    with cpu_kernels.disabled():
+        ref = q(x)
+    outs = []
+    for n in (1, 2):
+        with num_threads(n):
+            outs.append(q(x))
+    assert all(torch.equal(o, ref) for o in outs)

@@ -127,3 +127,43 @@ def test_fused_forward_other_dtypes_and_eight_bits():
         out = q(x)
         assert torch.equal(out, q._values(x, q.scale.to(dtype)))
         assert out[-4] == 0 and out[-3] == 0 and out.dtype == dtype
+
+
+@pytest.mark.parametrize('k', [2.0, 1.0])
+def test_mantissa_thresholds_are_the_smallest_floats_above_the_boundaries(k):
+    """Checked in 40-digit decimal arithmetic: ``t`` is above ``2^(-(j + 1/2) / k)`` and the float
+    below ``t`` is under it."""
+    from decimal import Decimal, getcontext
+
+    from mmbrecq.quantizers.log2 import _mantissa_thresholds
+    getcontext().prec = 40
+    for j, t in enumerate(_mantissa_thresholds(k)):
+        exact = Decimal(2)**(-(Decimal(j) + Decimal('0.5')) / Decimal(int(k)))
+        below = torch.nextafter(t, torch.tensor(0.0))
+        assert Decimal(float(t)) > exact > Decimal(float(below))
+
+
+@pytest.mark.parametrize('k', [2.0, 1.0])
+def test_exact_codes_round_the_true_logarithm(k):
+    """The exponent/mantissa codes are ``round(-k log2 r)`` of the float ``r`` itself: compared
+    with log2 in float64 (exact enough away from a boundary), they agree everywhere; the float32
+    log2 formula (the ONNX form) disagrees at most next to a half-code boundary."""
+    from mmbrecq.quantizers.log2 import exact_log_codes
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(200000, generator=g).pow(6)
+    codes = exact_log_codes(x, 1.0, k)
+    t64 = -k * torch.log2(x.double().clamp_min(torch.finfo(torch.float32).tiny))
+    assert torch.equal(codes.double(), torch.round(t64).clamp_min(0))
+    t32 = -k * torch.log2(x.clamp_min(torch.finfo(torch.float32).tiny))
+    differ = torch.round(t32).clamp_min(0) != codes
+    assert bool(((t64[differ] - t64[differ].floor() - 0.5).abs() < 1e-5).all())
+    print(f'float32 log2 misrounds {int(differ.sum())} of {x.numel()} codes')
+
+
+def test_exact_codes_special_values():
+    from mmbrecq.quantizers.log2 import exact_log_codes
+    x = torch.tensor([1.0, 0.5, 0.0, -2.0, float('inf'), float('nan'), 4.0])
+    codes = exact_log_codes(x, 1.0, 2.0)
+    tiny_code = 2 * 126  # -2 log2(2^-126)
+    assert codes[:5].tolist() == [0.0, 2.0, tiny_code, tiny_code, 0.0]
+    assert codes[5].isnan() and codes[6] == 0

@@ -134,8 +134,11 @@ class _TransformerRule(BlockRule):
         for m in block.modules():
             if hasattr(m, 'attach_matmul_quantizers'):
                 m.attach_matmul_quantizers([make_act(kind) for kind in MATMUL_KINDS])
-        if not self.qcfg['transformer']['learn_entry_step']:
+        cfg = self.qcfg['transformer']
+        if not cfg['learn_entry_step']:
             self._fix_entry_step(block)
+        else:
+            self._sample_entry_step_grad(block, cfg['entry_step_stride'])
 
     @staticmethod
     def _fix_entry_step(block):
@@ -148,6 +151,16 @@ class _TransformerRule(BlockRule):
         q = getattr(block.get_submodule(first), 'input_quantizer', None) if first is not None else None
         if q is not None and hasattr(q, 'fix_step'):
             q.fix_step()
+
+    @staticmethod
+    def _sample_entry_step_grad(block, stride):
+        """``transformer.entry_step_stride``: the unit's first Linear estimates its input step's
+        gradient from every ``stride``-th sample (see ``QuantLinear.sample_input_step_grad``),
+        which cuts the cost of the data gradient that only that step needs."""
+        first = _first_linear(block)
+        layer = block.get_submodule(first) if first is not None else None
+        if hasattr(layer, 'sample_input_step_grad'):
+            layer.sample_input_step_grad(stride)
 
     def input_kind(self, block, layer_name):
         if (layer_name == 'attn.qkv' and isinstance(block, _types(VIT_LAYER))

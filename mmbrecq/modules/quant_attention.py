@@ -80,9 +80,16 @@ class QuantMatmulMixin:
     def _operand(q, x):
         return x if q is None else q(x)
 
-    def quantized_scores(self, q, k):
-        """``Q.K^T`` on quantized operands (``q`` already scaled if the float module scales it)."""
-        return self._operand(self.q_quantizer, q) @ self._operand(self.k_quantizer, k).transpose(-2, -1)
+    def quantized_scores(self, q, k, scale=None):
+        """``Q.K^T`` on quantized operands (``q`` already scaled if the float module scales it),
+        times ``scale`` if given: applied to the quantized ``Q`` (tokens x head dims) rather
+        than to the scores (tokens x tokens), a smaller tensor in every step of a
+        reconstruction and its backward; the same floats when ``scale`` is a power of two
+        (``1/sqrt(64)`` of ViT/DeiT/Swin heads), equal to rounding otherwise."""
+        q = self._operand(self.q_quantizer, q)
+        if scale is not None:
+            q = q * scale
+        return q @ self._operand(self.k_quantizer, k).transpose(-2, -1)
 
     def quantized_context(self, attn, v):
         """``softmax.V`` on quantized operands."""
@@ -100,7 +107,7 @@ class QuantMultiheadAttention(QuantMatmulMixin, nn.Module):
         if 'scale' in keywords:
             attn = self.quantized_scores(q, k) / keywords['scale']
         else:
-            attn = self.quantized_scores(q, k) * (q.size(-1)**-0.5)
+            attn = self.quantized_scores(q, k, scale=q.size(-1)**-0.5)
         attn = torch.softmax(attn, dim=-1)
         if dropout_p > 0:
             attn = torch.dropout(attn, dropout_p, True)

@@ -13,6 +13,20 @@ from torch.nn import functional as F
 from mmbrecq.quantizers import UniformQuantizer
 
 
+class _SampledStepGrad(torch.autograd.Function):
+    """``out`` unchanged; backward sends every ``stride``-th sample's gradient, times
+    ``stride``, to ``out_sub`` (the same layer run on those samples alone)."""
+
+    @staticmethod
+    def forward(ctx, out, out_sub, stride):
+        ctx.stride = stride
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad[::ctx.stride] * ctx.stride, None
+
+
 class QuantLayerMixin:
     """Input (activation) quantizer + weight quantizer around a float layer's forward."""
 
@@ -25,6 +39,43 @@ class QuantLayerMixin:
                 q.set_role(role)
         self.weight_quantizer = weight_quantizer
         self.input_quantizer = input_quantizer
+        self.input_step_grad_stride = 1
+
+    def sample_input_step_grad(self, stride: int):
+        """Estimate the input quantizer's step gradient from every ``stride``-th sample.
+
+        Why: when the layer's input needs no gradient (a unit's cached input) but its
+        quantizer's step is learned, that step's gradient is the only consumer of the
+        layer's data gradient ``dY . W``, a full extra matmul (or transposed convolution)
+        per reconstruction step that a float forward+backward does not run. Computed on
+        every ``stride``-th sample of the batch and scaled by ``stride``, it is an unbiased
+        estimate (the batch is a random draw) at ``1/stride`` of the cost; the layer's
+        output and its weight gradient are exact. Used only while it applies (the input
+        needs no gradient, the quantizer says its step gradient may be sampled); otherwise,
+        and with ``stride=1``, the layer runs as usual.
+        """
+        if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+            raise ValueError(f'{type(self).__name__}: the step-gradient stride must be a positive integer, '
+                             f'got {stride!r}')
+        self.input_step_grad_stride = stride
+
+    def _samples_step_grad(self, x: torch.Tensor) -> bool:
+        stride = getattr(self, 'input_step_grad_stride', 1)
+        return (stride > 1 and x.shape[0] > stride and torch.is_grad_enabled() and not x.requires_grad
+                and getattr(self.input_quantizer, 'step_grad_samplable', False))
+
+    def _quantized_forward(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``op(quantized input, quantized weight, bias)``, with the step gradient sampled
+        (:meth:`sample_input_step_grad`) when it applies."""
+        if not self._samples_step_grad(x):
+            return op(self._quantize_input(x), self.quantized_weight(), self.bias)
+        stride = self.input_step_grad_stride
+        with torch.no_grad():
+            xq = self.input_quantizer(x)
+        w = self.quantized_weight()
+        out = op(xq, w, self.bias)
+        out_sub = op(self.input_quantizer(x[::stride]), w.detach(), None)
+        return _SampledStepGrad.apply(out, out_sub, stride)
 
     @classmethod
     def _wrap(cls, layer, weight_quantizer, input_quantizer, *args, **kwargs):
@@ -52,7 +103,7 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
                          groups=conv.groups, padding_mode=conv.padding_mode)
 
     def forward(self, x):
-        return self._conv_forward(self._quantize_input(x), self.quantized_weight(), self.bias)
+        return self._quantized_forward(x, self._conv_forward)
 
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
@@ -63,7 +114,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return cls._wrap(linear, weight_quantizer, input_quantizer, linear.in_features, linear.out_features)
 
     def forward(self, x):
-        return F.linear(self._quantize_input(x), self.quantized_weight(), self.bias)
+        return self._quantized_forward(x, F.linear)
 
 
 #: float class -> quantized twin; subclasses (mmcv's Conv2d/Linear wrappers) match too

@@ -41,11 +41,13 @@ class QuantConv2dAdaptivePadding(QuantConv2d, Conv2dAdaptivePadding):
                            padding_mode, device, dtype)
 
     def forward(self, x):
-        x = self._quantize_input(x)
+        return self._quantized_forward(x, self._padded_conv)
+
+    def _padded_conv(self, x, weight, bias):
         pad = same_padding(x, self.weight.shape[-2:], self.stride, self.dilation)
         if any(pad):
             x = F.pad(x, pad)
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        return self._conv_forward(x, weight, bias)
 
 
 QUANT_LAYER_TYPES[Conv2dAdaptivePadding] = QuantConv2dAdaptivePadding

@@ -35,7 +35,7 @@ from .build import build_directory, build_lock, extension_name, staged_sources
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
            'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward',
            'squared_error_forward', 'adaround_channels', 'adaround_soft_forward', 'adaround_rounding_loss',
-           'ENV_VAR']
+           'log_quant_forward', 'ENV_VAR']
 
 #: set to ``0`` to use the torch code only
 ENV_VAR = 'MMBRECQ_CPU_KERNELS'
@@ -257,6 +257,15 @@ def adaround_rounding_loss(alpha, zeta, gamma, beta):
     p = mod.adaround_offset(sig, zeta - gamma, gamma).pow_(beta - 1)  # |2h - 1|^(beta-1)
     loss = mod.adaround_reg(sig, p, zeta - gamma, gamma, beta)
     return loss, p
+
+
+def log_quant_forward(x, delta, codes_per_octave, qmax, levels, mantissa_bits):
+    """The logarithmic fake quantizer's output in one sweep: ``levels[c] * delta`` for the
+    exactly rounded code ``c`` (see :class:`mmbrecq.quantizers.Log2Quantizer`), 0 where
+    ``c >= qmax`` or ``x <= 0``; ``levels`` are the ``qmax`` floats ``2^(-c / k)``,
+    ``mantissa_bits`` the ``k`` threshold mantissa fields."""
+    return get_cpu_kernels().log_quant_forward(x, _f(delta), int(codes_per_octave), int(qmax), levels,
+                                               [int(b) for b in mantissa_bits])
 
 
 def build_seconds():

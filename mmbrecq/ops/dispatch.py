@@ -1,7 +1,8 @@
 """The one door through which an implementation of a fused op is chosen.
 
 Every single-node autograd Function of the hot loop (the LSQ fake quantizer, the
-(quantized) squared error, AdaRound's soft weight and rounding loss) asks :func:`select`
+(quantized) squared error, AdaRound's soft weight and rounding loss, the logarithmic
+quantizer of the softmax output) asks :func:`select`
 which backend runs it on the tensors at hand. Today that is the compiled CPU kernels
 (:mod:`.cpu_kernels`) or ``None``: the torch code in the Function itself, which is the
 reference and runs everywhere else (CUDA, other dtypes, tracing, ONNX export). A CUDA,
@@ -10,7 +11,8 @@ Triton or ``torch.compile`` backend is added here, and nowhere else.
 from . import cpu_kernels
 
 #: the fused ops and what each needs from the backend module
-OPS = ('fake_quant', 'squared_error', 'quantized_squared_error', 'adaround_soft', 'adaround_rounding_loss')
+OPS = ('fake_quant', 'squared_error', 'quantized_squared_error', 'adaround_soft', 'adaround_rounding_loss',
+       'log_quant')
 
 
 def select(op, *tensors, per_tensor=(), ints=(), contiguous=()):

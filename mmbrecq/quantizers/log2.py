@@ -12,10 +12,11 @@ The gradient is straight-through (identity), so reconstruction can propagate thr
 The grid is not uniform, so it has no QuantizeLinear form: the ONNX export leaves its
 fake quantization as plain float operations (``qdq_exportable = False``).
 """
-import math
+import functools
 
 import torch
 
+from mmbrecq.ops import dispatch
 from mmbrecq.registry import MODELS, QUANTIZERS
 
 from .range_search import minmax_range
@@ -25,28 +26,71 @@ from .uniform import UniformQuantizer
 _CODES_PER_OCTAVE = {'sqrt2': 2.0, '2': 1.0}
 
 
-class _LogQuantSTE(torch.autograd.Function):
-    """The log grid's values computed in place in one buffer, gradient straight through.
+@functools.lru_cache(maxsize=None)
+def _mantissa_thresholds(codes_per_octave: float):
+    """The ``k`` floats that split ``[0.5, 1)`` into the rounding intervals of ``-k log2(m)``:
+    the smallest float32 above ``2^(-(j + 1/2) / k)`` for ``j < k`` (never a float itself,
+    so ``m < t_j`` is exactly ``-k log2(m) > j + 1/2``). With ``r = m 2^e`` (``frexp``),
+    ``round(-k log2 r) = -k e + #{j: m < t_j}``: the exactly rounded code, with no log."""
+    k = int(codes_per_octave)
+    out = []
+    for j in range(k):
+        exact = 2.0**(-(j + 0.5) / k)
+        t = torch.tensor(exact, dtype=torch.float32)
+        if float(t) < exact:
+            t = torch.nextafter(t, torch.tensor(1.0))
+        out.append(t)
+    return tuple(out)
 
-    Same values as :meth:`Log2Quantizer._values` (the tests check), but no autograd graph
-    over a dozen full-size temporaries: on the softmax output of an attention layer (batch x
-    heads x tokens^2 elements) that graph was most of the quantizer's cost in a reconstruction
-    step. Fewer passes than the plain ops, too: in float32 ``exp2`` instead of ``pow(2, .)``
-    (the same floats on the grid's exponents ``-c/k``, which a test checks for every code, and
-    several times cheaper; other dtypes keep ``pow``),
-    ``x / (-k)`` for ``-(x / k)`` (the same float), and no separate ``x <= 0`` test when a
-    non-positive input's code (that of the clamp floor ``tiny``) already lies past the top.
+
+@functools.lru_cache(maxsize=None)
+def _mantissa_bits(codes_per_octave: float):
+    """The 23-bit mantissa fields of :func:`_mantissa_thresholds` (what the CPU kernel compares)."""
+    return tuple(int(t.view(torch.int32)) & 0x7FFFFF for t in _mantissa_thresholds(codes_per_octave))
+
+
+@functools.lru_cache(maxsize=None)
+def _levels(qmax: int, codes_per_octave: float) -> torch.Tensor:
+    """``2^(-c / k)`` for the codes ``c < qmax``, float32, as the torch code computes them."""
+    return torch.exp2(torch.arange(qmax, dtype=torch.float32).div_(-codes_per_octave))
+
+
+def exact_log_codes(x: torch.Tensor, delta, codes_per_octave: float) -> torch.Tensor:
+    """``round(-k log2(max(x / delta, tiny)))`` rounded exactly (see
+    :func:`_mantissa_thresholds`), clamped to >= 0, as floats of ``x``'s dtype; nan stays nan.
+
+    ``log2`` in floating point can land on the wrong side of a half-code boundary (its result
+    is rounded); the exponent and mantissa comparisons cannot, and they are what the fused
+    CPU kernel computes, so both give the same codes bit for bit.
+    """
+    r = (x / delta).clamp_min(torch.finfo(x.dtype).tiny)
+    m, e = torch.frexp(r)
+    codes = e.to(x.dtype).mul_(-codes_per_octave)
+    for t in _mantissa_thresholds(codes_per_octave):
+        codes.add_(m < t.to(x.dtype))
+    return codes.clamp_min_(0).masked_fill_(r.isnan(), float('nan'))
+
+
+class _LogQuantSTE(torch.autograd.Function):
+    """The log grid's values, gradient straight through.
+
+    On the CPU (float32) one sweep of the fused kernel (:mod:`mmbrecq.ops`); elsewhere the
+    torch ops, in place in one buffer. Either way no autograd graph over full-size
+    temporaries: on the softmax output of an attention layer (batch x heads x tokens^2
+    elements) that graph was most of the quantizer's cost in a reconstruction step. In
+    float32 ``exp2`` instead of ``pow(2, .)`` (the same floats on the grid's exponents
+    ``-c/k``, which a test checks for every code, and several times cheaper).
     """
 
     @staticmethod
     def forward(ctx, x, delta, codes_per_octave, qmax):
         with torch.no_grad():
-            tiny = torch.finfo(x.dtype).tiny
-            t = (x / delta).clamp_min_(tiny).log2_().mul_(-codes_per_octave)
-            t.round_().clamp_min_(0)
-            zero = t >= qmax
-            if -codes_per_octave * math.log2(tiny) < qmax:  # e.g. 8 bits, log-sqrt2: floor code 252 < 255
-                zero.logical_or_(x <= 0)
+            backend = dispatch.select('log_quant', x, per_tensor=(delta, ), ints=(qmax, ))
+            if backend is not None:
+                return backend.log_quant_forward(x, delta, codes_per_octave, qmax, _levels(qmax, codes_per_octave),
+                                                 _mantissa_bits(codes_per_octave))
+            t = exact_log_codes(x, delta, codes_per_octave)
+            zero = (t >= qmax).logical_or_(x <= 0)
             t.div_(-codes_per_octave)
             torch.exp2(t, out=t) if x.dtype == torch.float32 else torch.pow(2.0, t, out=t)
             return t.mul_(delta).masked_fill_(zero, 0.0)
@@ -83,8 +127,13 @@ class Log2Quantizer(UniformQuantizer):
         return f'bits={self.bits}, log base {self.base}, per-tensor, enabled={self.enabled}'
 
     def _codes(self, x, delta):
-        ratio = (x / delta).clamp_min(torch.finfo(x.dtype).tiny)
-        return torch.round(-torch.log2(ratio) * self.codes_per_octave).clamp_min(0)
+        """The codes, exactly rounded (:func:`exact_log_codes`); under a tracer (ONNX export)
+        the same through ``log2``, which has an ONNX form (equal but for float rounding at a
+        half-code boundary)."""
+        if torch.jit.is_tracing() or torch.compiler.is_compiling():
+            ratio = (x / delta).clamp_min(torch.finfo(x.dtype).tiny)
+            return torch.round(-torch.log2(ratio) * self.codes_per_octave).clamp_min(0)
+        return exact_log_codes(x, delta, self.codes_per_octave)
 
     def _values(self, x, delta):
         codes = self._codes(x, delta)

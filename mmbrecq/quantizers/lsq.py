@@ -66,6 +66,15 @@ class LSQQuantizer(UniformQuantizer):
         self.stream_mask = quantized
 
     @property
+    def step_grad_samplable(self) -> bool:
+        """Whether the step gradient may be estimated on a subset of the batch's samples now
+        (:meth:`mmbrecq.modules.QuantLinear.sample_input_step_grad`): the step is being
+        learned, and each sample's quantized value depends on that sample alone (no QDrop
+        draw over the batch, no stream mask)."""
+        return (self.enabled and self.learn_step and self.scale.requires_grad and self.stream_mask is None
+                and not (self.qdrop_prob is not None and self.training))
+
+    @property
     def fusable(self) -> bool:
         """Whether :meth:`forward` is exactly the per-tensor LSQ fake quantizer right now, so
         that a fused kernel (:func:`mmbrecq.reconstruction.objective.quantized_reconstruction_loss`)

@@ -28,6 +28,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -85,12 +86,14 @@ struct Kernels {
   decltype(&isa_base::adaround_soft) adaround_soft;
   decltype(&isa_base::adaround_offset) adaround_offset;
   decltype(&isa_base::adaround_reg) adaround_reg;
+  decltype(&isa_base::log_quant) log_quant;
 };
 
 #define MMBRECQ_KERNELS(ns)                                                                    \
   Kernels {                                                                                    \
     #ns, &ns::fake_quant, &ns::backward_sum_into_dscale, &ns::backward_sum, &ns::backward_mask, \
-        &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset, &ns::adaround_reg        \
+        &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset, &ns::adaround_reg,       \
+        &ns::log_quant                                                                         \
   }
 
 std::vector<Kernels> supported_kernels() {
@@ -301,6 +304,28 @@ double adaround_reg(const at::Tensor& sig, at::Tensor p, double zeta_gamma, doub
                                 static_cast<float>(-2.0 * beta));
 }
 
+// -- 6. logarithmic fake quantizer (Log2Quantizer, see mmbrecq/quantizers/log2.py) --------
+// out = levels[c] * delta for the code c = round(-k log2(max(x / delta, tiny))) (exact
+// rounding: the exponent field, then the mantissa against the k thresholds of
+// ``mantissa_bits``, the 23-bit fields of the smallest floats above 2^(-(j + 1/2) / k)),
+// clamped to >= 0; 0 where c >= qmax or x <= 0; nan stays nan. ``levels`` holds the
+// qmax floats 2^(-c / k) as the torch code computes them.
+at::Tensor log_quant_forward(const at::Tensor& x_, double delta, int64_t k, int64_t qmax,
+                             const at::Tensor& levels, const std::vector<int64_t>& mantissa_bits) {
+  check_float_cpu(x_, "x");
+  check_float_cpu(levels, "levels");
+  TORCH_CHECK(levels.is_contiguous() && levels.numel() == qmax && qmax > 0, "levels must hold qmax floats");
+  TORCH_CHECK((k == 1 || k == 2) && static_cast<int64_t>(mantissa_bits.size()) == k,
+              "codes per octave must be 1 or 2, with one mantissa threshold each");
+  const at::Tensor x = dense(x_);
+  at::Tensor out = at::empty_like(x);
+  const uint32_t t0 = static_cast<uint32_t>(mantissa_bits[0]);
+  const uint32_t t1 = k == 2 ? static_cast<uint32_t>(mantissa_bits[1]) : 0u;  // (m < 0: never)
+  kernels().log_quant(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(), static_cast<float>(delta),
+                      static_cast<int32_t>(k), static_cast<int32_t>(qmax), levels.data_ptr<float>(), t0, t1);
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -316,6 +341,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "AdaRound soft weight and its alpha-derivative (into sig's buffer)");
   m.def("adaround_offset", &adaround_offset, release(), "AdaRound |2 h - 1| from sigmoid(alpha)");
   m.def("adaround_reg", &adaround_reg, release(), "AdaRound rounding loss and its alpha-gradient (into p)");
+  m.def("log_quant_forward", &log_quant_forward, release(), "logarithmic fake quantizer forward");
   m.def("isa_names", &isa_names, "instruction set versions supported here, baseline first");
   m.def("set_isa", &set_isa, "use one instruction set version (tests); returns the previous one");
   m.def("current_isa", &current_isa, "the instruction set version in use");
@@ -579,6 +605,32 @@ double adaround_reg(const float* psig, float* pp, int64_t n, float zg, float gam
       p[j] = ((r.dh * pj) * sign) * m2b;
     }
   })[0];
+}
+
+// -- logarithmic fake quantizer ------------------------------------------------------------
+// (see log_quant_forward; r = max(x / delta, tiny) = m 2^e with m in [0.5, 1): e is the
+// exponent field - 126 and m < threshold compares the mantissa fields, exactly)
+void log_quant(const float* px, float* po, int64_t n, float delta, int32_t k, int32_t qmax, const float* lv,
+               uint32_t t0, uint32_t t1) {
+  const float tiny = 1.17549435e-38f;  // FLT_MIN
+  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+    const float* __restrict x = px + begin;
+    float* __restrict o = po + begin;
+    for (int64_t i = 0, len = end - begin; i < len; ++i) {
+      const float xi = x[i];
+      const float q = xi / delta;
+      const float r = q < tiny ? tiny : q;  // nan stays nan
+      uint32_t bits;
+      std::memcpy(&bits, &r, sizeof bits);
+      const int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
+      const uint32_t mb = bits & 0x7FFFFFu;
+      int32_t c = -k * e + static_cast<int32_t>(mb < t0) + static_cast<int32_t>(mb < t1);
+      c = c < 0 ? 0 : c;
+      const bool zero = (c >= qmax) | !(xi > 0.f);
+      const float v = zero ? 0.f : lv[zero ? 0 : c] * delta;
+      o[i] = r != r ? r : v;
+    }
+  });
 }
 
 #endif  // MMBRECQ_FUSED_QUANT_BODY
