@@ -197,6 +197,33 @@ def test_fixed_entry_step(case, unit):
         mmbrecq.QuantConfig(dict(transformer=dict(learn_entry_step='no')))
 
 
+@pytest.mark.parametrize('case,unit', [('deit', 'halves'), ('swin', 'halves'), ('deit', 'layer')])
+def test_entry_step_gradient_sampled(case, unit):
+    """``transformer.entry_step_stride``: each unit's first Linear (and no other layer) estimates
+    its input step's gradient from every k-th token; the reconstruction learns that step."""
+    from mmbrecq.config import DEFAULTS
+    qcfg = dict(QCFG, a_bits=4, transformer=dict(unit=unit, entry_step_stride=3))
+    _, model = _quantized(case, qcfg)
+    units = [u for u in find_units(model) if u.is_block]
+    firsts = [next(m for m in u.module.modules() if isinstance(m, torch.nn.Linear)) for u in units]
+    strides = {n: m.input_step_grad_stride for n, m in model.named_modules() if hasattr(m, 'input_step_grad_stride')}
+    assert {n for n, k in strides.items() if k == 3} == {n for n, m in model.named_modules() if m in firsts}
+    assert {k for k in strides.values()} == {1, 3}
+    before = [m.input_quantizer.scale.detach().clone() for m in firsts]
+    calib = [_images(case, 8, seed=s) for s in range(2)]
+    mmbrecq.reconstruct(model, calib, dict(iters=20, batch_size=8, progress=False, seed=0, loss='mse'),
+                        forward=lambda m, b: m(b, mode='tensor'), logger='silent')
+    assert all(not torch.equal(m.input_quantizer.scale, b) for m, b in zip(firsts, before))
+    # the default; learn_entry_step=False leaves nothing to sample
+    _, model = _quantized(case, dict(qcfg, transformer=dict(unit=unit)))
+    default = DEFAULTS['transformer']['entry_step_stride']
+    assert {m.input_step_grad_stride for m in model.modules() if hasattr(m, 'input_step_grad_stride')} == {1, default}
+    _, model = _quantized(case, dict(qcfg, transformer=dict(unit=unit, learn_entry_step=False)))
+    assert {m.input_step_grad_stride for m in model.modules() if hasattr(m, 'input_step_grad_stride')} == {1}
+    with pytest.raises(ValueError, match=r'quant_cfg\.transformer\.entry_step_stride'):
+        mmbrecq.QuantConfig(dict(transformer=dict(entry_step_stride=0)))
+
+
 def _write_ptq_config(case, path):
     name, overrides, _, _ = CASES[case]
     path.write_text(f"_base_ = 'mmpretrain::{name}'\n"

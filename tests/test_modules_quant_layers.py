@@ -285,19 +285,22 @@ def test_sampled_step_grad_keeps_output_and_weight_gradient_exact(kind):
     torch.testing.assert_close(g_alpha4, g_alpha, rtol=1e-6, atol=1e-7)
     assert not torch.equal(g_step4, g_step)  # an estimate, from 2 of the 8 samples
 
-    # the estimate is exactly stride x the step gradient of samples 0 and 4 alone
+    # the estimate is exactly stride x the step gradient of the sampled rows alone: every 4th
+    # token over the batch for a Linear (8 x 3 tokens), samples 0 and 4 for a convolution
     q.sample_input_step_grad(1)
     with torch.no_grad():
         keep = torch.zeros_like(out_weight)
-        keep[::4] = 4 * out_weight[::4]
+        rows = keep.view(-1, keep.shape[-1]) if kind == 'linear' else keep
+        rows[::4] = 4 * (out_weight.view(-1, keep.shape[-1]) if kind == 'linear' else out_weight)[::4]
     _, _, g_sub = _grads(q, x, keep)
     torch.testing.assert_close(g_step4, g_sub, rtol=1e-5, atol=1e-7)
 
 
 def test_sampled_step_grad_is_unbiased_over_the_samples():
-    """Averaged over the ``stride`` sample offsets (what random batches average over), the
+    """Averaged over the ``stride`` row offsets (what random batches average over), the
     estimate is the full gradient."""
     q, x = _sampling_case('linear', 1)
+    x = x.reshape(-1, 1, x.shape[-1])  # one token per sample: rows and samples coincide
     out_weight = torch.randn(q(x).shape, generator=_seeded(13))
     _, _, g_full = _grads(q, x, out_weight)
     q.sample_input_step_grad(4)
@@ -332,6 +335,13 @@ def test_sampled_step_grad_is_off_under_a_qdrop_draw_or_a_stream_mask():
     iq.set_qdrop(None)
     iq.set_stream_mask(torch.ones_like(x, dtype=torch.bool))
     assert not iq.step_grad_samplable
+    with pytest.raises(RuntimeError, match='cannot be sampled'):
+        iq.quantize_sample(x[::4], x)
+    # a subclass with its own grid (twin uniform, the reparameterised post-LN quantizer): not sampled
+    from mmbrecq.quantizers import TwinUniformQuantizer
+    twin = TwinUniformQuantizer(bits=4, init='minmax')
+    twin.init_range(x)
+    assert twin.scale.requires_grad and not twin.step_grad_samplable
 
 
 @pytest.mark.parametrize('stride', [0, -1, 1.5, True])

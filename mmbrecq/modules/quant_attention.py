@@ -9,6 +9,11 @@ twins run an eager path with four activation quantizers (role ``'act'``, so cali
 * ``q_quantizer`` and ``k_quantizer``: the operands of ``Q.K^T``;
 * ``attn_quantizer`` (the softmax output) and ``v_quantizer``: the operands of ``softmax.V``.
 
+Q, K and V are taken from the ``qkv`` output with ``unbind`` rather than the float modules'
+three ``qkv[i]``: the same views, but in a reconstruction step's backward one ``stack`` of
+their gradients instead of three zero-filled full-size ``qkv`` gradients added up
+(``benchmarks/bench_recon_iteration.py --profile``).
+
 The softmax, the scale, the relative position bias and the shifted-window mask stay float
 (they are elementwise). ``qkv`` and ``proj`` are ordinary ``nn.Linear`` children, swapped to
 ``QuantLinear`` by :func:`mmbrecq.quantize_model` as everywhere else.
@@ -116,7 +121,7 @@ class QuantMultiheadAttention(QuantMatmulMixin, nn.Module):
     def forward(self, x, force_eager=False):
         B, N, _ = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dims).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # (see the module docstring)
         attn_drop = self.attn_drop if self.training else 0.
         if force_eager or self._any_matmul_quantized():
             x = self._eager_attention(q, k, v, attn_drop)
@@ -138,7 +143,7 @@ class QuantWindowMSA(QuantMatmulMixin, nn.Module):
         # off is exactly the float forward), with the operands quantized
         B_, N, C = x.shape
         qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]
+        q, k, v = qkv.unbind(0)  # (see the module docstring)
         q = q * self.scale
         attn = self.quantized_scores(q, k)
         relative_position_bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(

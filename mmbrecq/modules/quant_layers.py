@@ -14,17 +14,21 @@ from mmbrecq.quantizers import UniformQuantizer
 
 
 class _SampledStepGrad(torch.autograd.Function):
-    """``out`` unchanged; backward sends every ``stride``-th sample's gradient, times
-    ``stride``, to ``out_sub`` (the same layer run on those samples alone)."""
+    """``out`` unchanged; backward gives the sampled input rows ``xq_rows`` the gradient they
+    would get in the layer, from the sampled part of ``out``'s gradient times ``stride``
+    (:meth:`QuantLayerMixin._rows_input_grad`: no forward pass of the sample is needed)."""
 
     @staticmethod
-    def forward(ctx, out, out_sub, stride):
-        ctx.stride = stride
+    def forward(ctx, out, xq_rows, weight, layer, op, stride):
+        ctx.layer, ctx.op, ctx.stride = layer, op, stride
+        ctx.save_for_backward(xq_rows.detach(), weight)
         return out.view_as(out)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, grad[::ctx.stride] * ctx.stride, None
+        rows, weight = ctx.saved_tensors
+        grad_rows = ctx.layer._sample_rows(grad, ctx.stride) * ctx.stride
+        return grad, ctx.layer._rows_input_grad(grad_rows, rows, weight, ctx.op), None, None, None, None
 
 
 class QuantLayerMixin:
@@ -48,7 +52,8 @@ class QuantLayerMixin:
         quantizer's step is learned, that step's gradient is the only consumer of the
         layer's data gradient ``dY . W``, a full extra matmul (or transposed convolution)
         per reconstruction step that a float forward+backward does not run. Computed on
-        every ``stride``-th sample of the batch and scaled by ``stride``, it is an unbiased
+        every ``stride``-th input row (:meth:`_sample_rows`: a Linear's tokens over the whole
+        batch, a convolution's samples) and scaled by ``stride``, it is an unbiased
         estimate (the batch is a random draw) at ``1/stride`` of the cost; the layer's
         output and its weight gradient are exact. Used only while it applies (the input
         needs no gradient, the quantizer says its step gradient may be sampled); otherwise,
@@ -74,8 +79,21 @@ class QuantLayerMixin:
             xq = self.input_quantizer(x)
         w = self.quantized_weight()
         out = op(xq, w, self.bias)
-        out_sub = op(self.input_quantizer(x[::stride]), w.detach(), None)
-        return _SampledStepGrad.apply(out, out_sub, stride)
+        rows = self.input_quantizer.quantize_sample(self._sample_rows(x, stride), x)
+        return _SampledStepGrad.apply(out, rows, w.detach(), self, op, stride)
+
+    @staticmethod
+    def _sample_rows(t: torch.Tensor, stride: int) -> torch.Tensor:
+        """Every ``stride``-th sample (dim 0): the rows that the layer maps independently."""
+        return t[::stride]
+
+    @staticmethod
+    def _rows_input_grad(grad_rows, rows, weight, op):
+        """The gradient of ``op(rows, weight)`` w.r.t. ``rows`` for ``grad_rows`` (by autograd;
+        a Linear has the direct matmul)."""
+        with torch.enable_grad():
+            rows = rows.detach().requires_grad_(True)
+            return torch.autograd.grad(op(rows, weight, None), rows, grad_rows)[0]
 
     @classmethod
     def _wrap(cls, layer, weight_quantizer, input_quantizer, *args, **kwargs):
@@ -115,6 +133,16 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x):
         return self._quantized_forward(x, F.linear)
+
+    @staticmethod
+    def _sample_rows(t: torch.Tensor, stride: int) -> torch.Tensor:
+        """Every ``stride``-th token over the whole batch: a spread-out sample (the tokens of
+        one image are correlated), mapped independently by the Linear."""
+        return t.reshape(-1, t.shape[-1])[::stride]
+
+    @staticmethod
+    def _rows_input_grad(grad_rows, rows, weight, op):
+        return grad_rows @ weight
 
 
 #: float class -> quantized twin; subclasses (mmcv's Conv2d/Linear wrappers) match too

@@ -262,8 +262,8 @@ def adaround_rounding_loss(alpha, zeta, gamma, beta):
 def log_quant_forward(x, delta, codes_per_octave, qmax, levels, mantissa_bits):
     """The logarithmic fake quantizer's output in one sweep: ``levels[c] * delta`` for the
     exactly rounded code ``c`` (see :class:`mmbrecq.quantizers.Log2Quantizer`), 0 where
-    ``c >= qmax`` or ``x <= 0``; ``levels`` are the ``qmax`` floats ``2^(-c / k)``,
-    ``mantissa_bits`` the ``k`` threshold mantissa fields."""
+    ``c >= qmax`` or ``x <= 0``; ``levels`` are the ``qmax`` floats ``2^(-c / k)`` and a
+    0, ``mantissa_bits`` the ``k`` threshold mantissa fields."""
     return get_cpu_kernels().log_quant_forward(x, _f(delta), int(codes_per_octave), int(qmax), levels,
                                                [int(b) for b in mantissa_bits])
 

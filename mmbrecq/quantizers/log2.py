@@ -51,8 +51,10 @@ def _mantissa_bits(codes_per_octave: float):
 
 @functools.lru_cache(maxsize=None)
 def _levels(qmax: int, codes_per_octave: float) -> torch.Tensor:
-    """``2^(-c / k)`` for the codes ``c < qmax``, float32, as the torch code computes them."""
-    return torch.exp2(torch.arange(qmax, dtype=torch.float32).div_(-codes_per_octave))
+    """``2^(-c / k)`` for the codes ``c < qmax``, float32, as the torch code computes them,
+    then 0 for the top code (the CPU kernel's table)."""
+    levels = torch.exp2(torch.arange(qmax + 1, dtype=torch.float32).div_(-codes_per_octave))
+    return levels.index_fill_(0, torch.tensor([qmax]), 0.0)
 
 
 def exact_log_codes(x: torch.Tensor, delta, codes_per_octave: float) -> torch.Tensor:

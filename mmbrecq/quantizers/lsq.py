@@ -71,8 +71,18 @@ class LSQQuantizer(UniformQuantizer):
         (:meth:`mmbrecq.modules.QuantLinear.sample_input_step_grad`): the step is being
         learned, and each sample's quantized value depends on that sample alone (no QDrop
         draw over the batch, no stream mask)."""
-        return (self.enabled and self.learn_step and self.scale.requires_grad and self.stream_mask is None
+        return (type(self).quantize is LSQQuantizer.quantize and self.enabled and self.learn_step
+                and self.scale.requires_grad and self.stream_mask is None
                 and not (self.qdrop_prob is not None and self.training))
+
+    def quantize_sample(self, rows: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """``rows`` (a sample of ``full``'s rows, when :attr:`step_grad_samplable`) quantized
+        with the step gradient scaled as for ``full`` (LSQ's factor counts ``full``'s features)."""
+        if not self.step_grad_samplable:
+            raise RuntimeError(f'{type(self).__name__}: its step gradient cannot be sampled now '
+                               '(see step_grad_samplable)')
+        return fake_quant_lsq(rows, self._broadcast(self.scale, rows), self._broadcast(self.zero_point, rows),
+                              self.qmin, self.qmax, self.step_grad_factor(full))
 
     @property
     def fusable(self) -> bool:

@@ -43,6 +43,12 @@ struct Grid {
   float s, z, qmin, qmax;
 };
 
+// the logarithmic grid: delta, codes per octave, top code, mantissa thresholds
+struct LogGrid {
+  float delta;
+  int32_t k, qmax, t0, t1;
+};
+
 }  // namespace
 
 #define MMBRECQ_FUSED_QUANT_BODY
@@ -309,20 +315,20 @@ double adaround_reg(const at::Tensor& sig, at::Tensor p, double zeta_gamma, doub
 // rounding: the exponent field, then the mantissa against the k thresholds of
 // ``mantissa_bits``, the 23-bit fields of the smallest floats above 2^(-(j + 1/2) / k)),
 // clamped to >= 0; 0 where c >= qmax or x <= 0; nan stays nan. ``levels`` holds the
-// qmax floats 2^(-c / k) as the torch code computes them.
+// qmax floats 2^(-c / k) as the torch code computes them, then 0 (the top code's value).
 at::Tensor log_quant_forward(const at::Tensor& x_, double delta, int64_t k, int64_t qmax,
                              const at::Tensor& levels, const std::vector<int64_t>& mantissa_bits) {
   check_float_cpu(x_, "x");
   check_float_cpu(levels, "levels");
-  TORCH_CHECK(levels.is_contiguous() && levels.numel() == qmax && qmax > 0, "levels must hold qmax floats");
+  TORCH_CHECK(levels.is_contiguous() && levels.numel() == qmax + 1 && qmax > 0, "levels must hold qmax + 1 floats");
   TORCH_CHECK((k == 1 || k == 2) && static_cast<int64_t>(mantissa_bits.size()) == k,
               "codes per octave must be 1 or 2, with one mantissa threshold each");
   const at::Tensor x = dense(x_);
   at::Tensor out = at::empty_like(x);
-  const uint32_t t0 = static_cast<uint32_t>(mantissa_bits[0]);
-  const uint32_t t1 = k == 2 ? static_cast<uint32_t>(mantissa_bits[1]) : 0u;  // (m < 0: never)
-  kernels().log_quant(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(), static_cast<float>(delta),
-                      static_cast<int32_t>(k), static_cast<int32_t>(qmax), levels.data_ptr<float>(), t0, t1);
+  const int32_t t0 = static_cast<int32_t>(mantissa_bits[0]);
+  const int32_t t1 = k == 2 ? static_cast<int32_t>(mantissa_bits[1]) : 0;  // (m < 0: never)
+  const LogGrid g{static_cast<float>(delta), static_cast<int32_t>(k), static_cast<int32_t>(qmax), t0, t1};
+  kernels().log_quant(x.data_ptr<float>(), out.data_ptr<float>(), x.numel(), levels.data_ptr<float>(), g);
   return out;
 }
 
@@ -609,27 +615,32 @@ double adaround_reg(const float* psig, float* pp, int64_t n, float zg, float gam
 
 // -- logarithmic fake quantizer ------------------------------------------------------------
 // (see log_quant_forward; r = max(x / delta, tiny) = m 2^e with m in [0.5, 1): e is the
-// exponent field - 126 and m < threshold compares the mantissa fields, exactly)
-void log_quant(const float* px, float* po, int64_t n, float delta, int32_t k, int32_t qmax, const float* lv,
-               uint32_t t0, uint32_t t1) {
+// exponent field - 126 and m < threshold compares the mantissa fields, exactly. Signed
+// integers, the code clamped into the table, no branch, restrict pointers and the grid by
+// value: the loop vectorises, with a gather for the table)
+void log_quant_range(const float* __restrict x, float* __restrict o, int64_t n, const float* __restrict levels,
+                     const LogGrid g) {
   const float tiny = 1.17549435e-38f;  // FLT_MIN
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    const float q = xi / g.delta;
+    const float r = q < tiny ? tiny : q;  // nan stays nan
+    int32_t bits;
+    std::memcpy(&bits, &r, sizeof bits);
+    const int32_t e = ((bits >> 23) & 0xFF) - 126;
+    const int32_t mb = bits & 0x7FFFFF;
+    int32_t c = -g.k * e + (mb < g.t0 ? 1 : 0) + (mb < g.t1 ? 1 : 0);
+    c = c < 0 ? 0 : c;
+    c = c > g.qmax ? g.qmax : c;  // levels[qmax] = 0
+    const float v = levels[c] * g.delta;
+    const float vz = xi > 0.f ? v : 0.f;
+    o[i] = r != r ? r : vz;
+  }
+}
+
+void log_quant(const float* px, float* po, int64_t n, const float* lv, LogGrid g) {
   at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
-    const float* __restrict x = px + begin;
-    float* __restrict o = po + begin;
-    for (int64_t i = 0, len = end - begin; i < len; ++i) {
-      const float xi = x[i];
-      const float q = xi / delta;
-      const float r = q < tiny ? tiny : q;  // nan stays nan
-      uint32_t bits;
-      std::memcpy(&bits, &r, sizeof bits);
-      const int32_t e = static_cast<int32_t>((bits >> 23) & 0xFFu) - 126;
-      const uint32_t mb = bits & 0x7FFFFFu;
-      int32_t c = -k * e + static_cast<int32_t>(mb < t0) + static_cast<int32_t>(mb < t1);
-      c = c < 0 ? 0 : c;
-      const bool zero = (c >= qmax) | !(xi > 0.f);
-      const float v = zero ? 0.f : lv[zero ? 0 : c] * delta;
-      o[i] = r != r ? r : v;
-    }
+    log_quant_range(px + begin, po + begin, end - begin, lv, g);
   });
 }
 
