@@ -278,12 +278,20 @@ def test_fake_quant_kernel_one_shaped_scale_keeps_its_shape():
 
 
 @needs_kernels
-def test_fake_quant_kernel_second_backward_through_retained_graph_raises():
-    """The kernel's backward reuses the saved dscale buffer for the input gradient."""
+def test_fake_quant_kernel_second_backward_through_retained_graph():
+    """The kernel's backward recomputes from the saved input: a retained graph gives the same
+    gradients twice; an in-place change of the input before the backward raises."""
     x = torch.randn(2, 3, requires_grad=True)
     s = torch.tensor(0.1, requires_grad=True)
     out = fake_quant_lsq(x, s, torch.tensor(3.), 0, 15)
     out.sum().backward(retain_graph=True)
+    first = x.grad.clone(), s.grad.clone()
+    x.grad, s.grad = None, None
+    out.sum().backward()
+    assert torch.equal(x.grad, first[0]) and torch.equal(s.grad, first[1])
+    y = torch.randn(2, 3)
+    out = fake_quant_lsq(y, s, torch.tensor(3.), 0, 15)
+    y.mul_(2)
     with pytest.raises(RuntimeError, match='inplace'):
         out.sum().backward()
 
@@ -351,7 +359,9 @@ def test_kernel_instruction_set_versions_agree_bitwise():
             gx, total = m.fake_quant_backward(g, d.clone(), mask, True)
             loss, gout, ssum = m.squared_error_forward(x, y, w, 1260, True, 0.0625, 3.0, 0, 255, True, True)
             lq = _log_quant_kernel(x.abs() / 4, 0.5, 2, 15)
-            results[isa] = (out, d, mask, gx, total, loss, gout, ssum, lq)
+            gx2, total2 = m.fake_quant_backward_x(g, x, 0.0625, 3.0, 0, 255, True, True)
+            assert torch.equal(gx2, gx) and total2 == total  # from x: the same as from the saved buffers
+            results[isa] = (out, d, mask, gx, total, loss, gout, ssum, lq, gx2, total2)
     finally:
         m.set_isa(before)
     ref = results['isa_base']

@@ -34,6 +34,7 @@ from .build import build_directory, build_lock, extension_name, staged_sources
 
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
            'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward',
+           'fake_quant_backward_x',
            'squared_error_forward', 'adaround_channels', 'adaround_soft_forward', 'adaround_rounding_loss',
            'log_quant_forward', 'ENV_VAR']
 
@@ -200,6 +201,14 @@ def fake_quant_backward(grad, dscale, mask, need_grad_x):
     if dscale is not None and grad_x is not None:
         torch.autograd.graph.increment_version(dscale)
     return grad_x, total
+
+
+def fake_quant_backward_x(grad, x, scale, zero_point, qmin, qmax, need_grad_x, need_sum):
+    """``(grad * inside or None, sum(grad * dscale) or 0.0)`` in one sweep, ``inside`` and
+    ``dscale`` recomputed from the forward's input ``x`` (the same floats as the forward's
+    buffers would hold)."""
+    return get_cpu_kernels().fake_quant_backward_x(grad, x, _f(scale), _f(zero_point), int(qmin), int(qmax),
+                                                   bool(need_grad_x), bool(need_sum))
 
 
 def squared_error_forward(out, target, weight, count, quant=None, need_grad_out=True, need_grad_scale=False):

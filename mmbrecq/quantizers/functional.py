@@ -64,18 +64,21 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     Same values and gradients as the composition in :func:`fake_quant` (straight-through
     rounding, no input gradient outside the grid, LSQ step gradient times
-    ``grad_factor``), but the graph holds one node instead of seven, and the forward
-    keeps exactly what the backward needs (the grid mask and the step's local gradient),
-    so the backward is one multiply and one reduction. This runs on every activation of
-    every reconstruction step: its memory traffic is the per-iteration overhead.
+    ``grad_factor``), but the graph holds one node instead of seven, so the backward is
+    one multiply and one reduction. This runs on every activation of every reconstruction
+    step: its memory traffic is the per-iteration overhead.
 
     Where :func:`mmbrecq.ops.dispatch.select` picks a backend (CPU, float32, per-tensor
     step), the forward and the backward are each one sweep of a compiled kernel instead of
     the torch code's bool-mask passes and fresh buffers (``benchmarks/bench_fused_kernels.py``
-    measures both). The kernel's values are the torch code's bit for bit; the step
-    gradient is summed in double. Its backward writes the input gradient into the saved
-    ``dscale`` buffer (no fresh allocation), so a second backward through the same graph
-    (``retain_graph=True``) raises PyTorch's "modified by an inplace operation" error.
+    measures both). The forward then writes only its output and keeps the input ``x``; the
+    backward recomputes the grid mask and the step's local gradient from it in its sweep
+    (reading one tensor instead of writing and reading two). ``x`` is saved as autograd
+    saves any input, so an in-place change of it before the backward raises PyTorch's
+    "modified by an inplace operation" error rather than giving a wrong gradient. The
+    kernel's values are the torch code's bit for bit; the step gradient is summed in double.
+    The torch code keeps what its backward needs (the grid mask and the step's local
+    gradient).
     """
 
     @staticmethod
@@ -83,15 +86,10 @@ class _FakeQuantLSQ(torch.autograd.Function):
         ctx.scale_shape, ctx.grad_factor = scale.shape, grad_factor
         ctx.kernel = _backend(x, scale, zero_point, qmin, qmax)
         if ctx.kernel is not None:
-            out, dscale, inside = ctx.kernel.fake_quant_forward(
-                x, scale, zero_point, qmin, qmax, need_dscale=ctx.needs_input_grad[1],
-                need_mask=ctx.needs_input_grad[0])
-            ctx.save_for_backward(inside, dscale)
-            return out
-        xs = x / scale
-        q = torch.round(xs).add_(zero_point)
-        inside = (q >= qmin).logical_and_(q <= qmax)
-        q.clamp_(qmin, qmax).sub_(zero_point)        # integer offset from the zero point
+            ctx.grid = (float(scale), float(zero_point), qmin, qmax)
+            ctx.save_for_backward(x)
+            return ctx.kernel.fake_quant_forward(x, scale, zero_point, qmin, qmax)[0]
+        inside, q, xs = _grid(x, scale, zero_point, qmin, qmax)
         out = q * scale
         if ctx.needs_input_grad[1]:
             # d out / d scale: round(x/s) - x/s inside the grid, (qmin|qmax) - z outside
@@ -102,20 +100,35 @@ class _FakeQuantLSQ(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        inside, dscale = ctx.saved_tensors
-        if (ctx.kernel is not None and not torch.is_grad_enabled()
-                and dispatch.select('fake_quant', grad) is ctx.kernel):
-            # one sweep: sum(grad * dscale), then grad * inside written over dscale
-            grad_x, total = ctx.kernel.fake_quant_backward(grad, dscale, inside, ctx.needs_input_grad[0])
-            grad_s = None
-            if dscale is not None:
-                grad_s = grad.new_full(ctx.scale_shape, total * ctx.grad_factor)
-            return grad_x, grad_s, None, None, None, None
+        if ctx.kernel is not None:
+            x, = ctx.saved_tensors
+            if not torch.is_grad_enabled() and dispatch.select('fake_quant', grad) is ctx.kernel:
+                grad_x, total = ctx.kernel.fake_quant_backward_x(grad, x, *ctx.grid, ctx.needs_input_grad[0],
+                                                                 ctx.needs_input_grad[1])
+                grad_s = grad.new_full(ctx.scale_shape, total * ctx.grad_factor) if ctx.needs_input_grad[1] else None
+                return grad_x, grad_s, None, None, None, None
+            inside, dscale = _local_gradients(x, *ctx.grid)  # a double backward: the torch code
+        else:
+            inside, dscale = ctx.saved_tensors
         grad_x = grad * inside if ctx.needs_input_grad[0] else None
         grad_s = None
-        if dscale is not None:
+        if dscale is not None and ctx.needs_input_grad[1]:
             grad_s = (grad * dscale).sum_to_size(ctx.scale_shape) * ctx.grad_factor
         return grad_x, grad_s, None, None, None, None
+
+
+def _grid(x, scale, zero_point, qmin, qmax):
+    """``(inside, q, x / s)``: the grid mask and the integer offset ``q`` from the zero point."""
+    xs = x / scale
+    q = torch.round(xs).add_(zero_point)
+    inside = (q >= qmin).logical_and_(q <= qmax)
+    return inside, q.clamp_(qmin, qmax).sub_(zero_point), xs
+
+
+def _local_gradients(x, scale, zero_point, qmin, qmax):
+    """The grid mask and ``d out / d scale`` of :class:`_FakeQuantLSQ`'s torch code, for ``x``."""
+    inside, q, xs = _grid(x, scale, zero_point, qmin, qmax)
+    return inside, q.sub_(xs.mul_(inside))
 
 
 def fake_quant_lsq(x, scale, zero_point, qmin, qmax, grad_factor=1.0):

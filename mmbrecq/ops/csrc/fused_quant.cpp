@@ -93,13 +93,14 @@ struct Kernels {
   decltype(&isa_base::adaround_offset) adaround_offset;
   decltype(&isa_base::adaround_reg) adaround_reg;
   decltype(&isa_base::log_quant) log_quant;
+  decltype(&isa_base::backward_from_x) backward_from_x;
 };
 
 #define MMBRECQ_KERNELS(ns)                                                                    \
   Kernels {                                                                                    \
     #ns, &ns::fake_quant, &ns::backward_sum_into_dscale, &ns::backward_sum, &ns::backward_mask, \
         &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset, &ns::adaround_reg,       \
-        &ns::log_quant                                                                         \
+        &ns::log_quant, &ns::backward_from_x                                                   \
   }
 
 std::vector<Kernels> supported_kernels() {
@@ -235,6 +236,27 @@ std::tuple<at::Tensor, double> fake_quant_backward(const at::Tensor& grad_,
   return {grad_x, 0.0};
 }
 
+// -- 2b. fake-quant backward from the saved input ------------------------------------------
+// The same (grad * inside, sum(grad * dscale)) as fake_quant_backward, with inside and dscale
+// recomputed from x in the sweep: the forward then writes only its output (no dscale or mask
+// buffers: less memory traffic and fewer fresh pages per step), and the backward reads x in
+// their place. grad_x (if need_grad_x) is a new tensor; the sum is 0.0 unless need_sum.
+std::tuple<at::Tensor, double> fake_quant_backward_x(const at::Tensor& grad_, const at::Tensor& x_, double s,
+                                                     double z, int64_t qmin, int64_t qmax, bool need_grad_x,
+                                                     bool need_sum) {
+  check_float_cpu(grad_, "grad");
+  check_float_cpu(x_, "x");
+  if (!need_grad_x && !need_sum) return {at::Tensor(), 0.0};
+  const at::Tensor x = dense(x_);
+  const at::Tensor grad = same_layout(grad_, x);
+  at::Tensor grad_x;
+  if (need_grad_x) grad_x = at::empty_like(x);
+  const double sum = kernels().backward_from_x(grad.data_ptr<float>(), x.data_ptr<float>(),
+                                               need_grad_x ? grad_x.data_ptr<float>() : nullptr, x.numel(),
+                                               make_grid(s, z, qmin, qmax), need_sum);
+  return {grad_x, sum};
+}
+
 // -- 3./4. (quantized) weighted squared error with its gradients -------------------------
 // Returns (sum of w * err^2 in double, d loss / d out or undefined, scale sum), where
 // err = fq(out) - target (or out - target without quantization). The gradient buffer is
@@ -341,6 +363,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fake-quant forward (+ LSQ dscale, grid mask)");
   m.def("fake_quant_backward", &fake_quant_backward, release(),
         "fake-quant backward: grad_x, sum(grad * dscale)");
+  m.def("fake_quant_backward_x", &fake_quant_backward_x, release(),
+        "fake-quant backward from the saved input: grad_x, sum(grad * dscale)");
   m.def("squared_error_forward", &squared_error_forward, release(),
         "(quantized) weighted squared error: loss sum, d loss / d out, scale gradient sum");
   m.def("adaround_soft_forward", &adaround_soft_forward, release(),
@@ -494,6 +518,42 @@ void backward_mask(const float* pg, const uint8_t* pm, float* px, int64_t n) {
     float* __restrict x = px + begin;
     for (int64_t i = 0, len = end - begin; i < len; ++i) x[i] = g[i] * static_cast<float>(m[i] != 0);
   });
+}
+
+// gx = g * inside (if gx) and sum(g * dscale) (if Sum), inside and dscale recomputed from x
+template <bool GX, bool Sum>
+double backward_from_x_impl(const float* pg, const float* px, float* pgx, int64_t n, const Grid g) {
+  if (!Sum) {
+    at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
+      const float* __restrict gr = pg + begin;
+      const float* __restrict x = px + begin;
+      float* __restrict gx = pgx + begin;
+      const Grid gg = g;
+      for (int64_t i = 0, len = end - begin; i < len; ++i) gx[i] = gr[i] * fake_quant_elem(x[i], gg).inside;
+    });
+    return 0.0;
+  }
+  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
+    const float* __restrict gr = pg + c;
+    const float* __restrict x = px + c;
+    float* __restrict gx = GX ? pgx + c : nullptr;
+    double* __restrict t = tmp[0];
+    const Grid gg = g;
+    for (int j = 0; j < len; ++j) {
+      const FQ e = fake_quant_elem(x[j], gg);
+      const float gj = gr[j];
+      t[j] = static_cast<double>(gj * lsq_dscale(e));
+      if (GX) gx[j] = gj * e.inside;
+    }
+  })[0];
+}
+
+double backward_from_x(const float* pg, const float* px, float* pgx, int64_t n, Grid g, bool need_sum) {
+  if (pgx != nullptr) {
+    return need_sum ? backward_from_x_impl<true, true>(pg, px, pgx, n, g)
+                    : backward_from_x_impl<true, false>(pg, px, pgx, n, g);
+  }
+  return backward_from_x_impl<false, true>(pg, px, pgx, n, g);
 }
 
 template <bool Quant, bool HasW, bool GradOut, bool GradScale>
