@@ -319,6 +319,13 @@ def test_sampled_step_grad_applies_only_when_the_input_needs_no_gradient():
     _, _, g = _grads(q, x_grad, out_weight)
     torch.testing.assert_close(g, g_full, rtol=1e-6, atol=1e-7)
     assert x_grad.grad is not None and not torch.equal(g_sampled, g_full)
+    # a Linear counts tokens: 2 samples of 12 tokens are 24 rows to sample from
+    few = torch.randn(2, 12, 7, generator=_seeded(15))
+    few_weight = torch.randn(2, 12, 5, generator=_seeded(16))
+    _, _, g4 = _grads(q, few, few_weight)
+    q.sample_input_step_grad(1)
+    _, _, g1 = _grads(q, few, few_weight)
+    assert not torch.equal(g4, g1)
     q.input_quantizer.fix_step()  # a fixed step: nothing to sample, the layer runs as usual
     assert not q.input_quantizer.step_grad_samplable
     with torch.no_grad():

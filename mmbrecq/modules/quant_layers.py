@@ -66,8 +66,8 @@ class QuantLayerMixin:
 
     def _samples_step_grad(self, x: torch.Tensor) -> bool:
         stride = getattr(self, 'input_step_grad_stride', 1)
-        return (stride > 1 and x.shape[0] > stride and torch.is_grad_enabled() and not x.requires_grad
-                and getattr(self.input_quantizer, 'step_grad_samplable', False))
+        return (stride > 1 and torch.is_grad_enabled() and not x.requires_grad and x.dim() > 1
+                and self._num_rows(x) > stride and getattr(self.input_quantizer, 'step_grad_samplable', False))
 
     def _quantized_forward(self, x: torch.Tensor, op) -> torch.Tensor:
         """``op(quantized input, quantized weight, bias)``, with the step gradient sampled
@@ -81,6 +81,10 @@ class QuantLayerMixin:
         out = op(xq, w, self.bias)
         rows = self.input_quantizer.quantize_sample(self._sample_rows(x, stride), x)
         return _SampledStepGrad.apply(out, rows, w.detach(), self, op, stride)
+
+    @staticmethod
+    def _num_rows(t: torch.Tensor) -> int:
+        return t.shape[0]
 
     @staticmethod
     def _sample_rows(t: torch.Tensor, stride: int) -> torch.Tensor:
@@ -133,6 +137,10 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
     def forward(self, x):
         return self._quantized_forward(x, F.linear)
+
+    @staticmethod
+    def _num_rows(t: torch.Tensor) -> int:
+        return t.numel() // max(t.shape[-1], 1)
 
     @staticmethod
     def _sample_rows(t: torch.Tensor, stride: int) -> torch.Tensor:
