@@ -245,7 +245,7 @@ TRANSFORMER = Section(dict(
     post_gelu=Key(None, _quantizer_or_none),        # input of the MLP's second Linear
     learn_entry_step=Key(True, boolean),            # learn the step of each unit's first Linear input
                                                     # (False: kept at its calibrated value)
-    entry_step_stride=Key(8, positive_int),         # ... its gradient from every k-th sample of the batch
+    entry_step_stride=Key(1, positive_int),         # ... its gradient from every k-th token (1: all)
 ))
 
 # -- the whole section ---------------------------------------------------------------------
