@@ -155,7 +155,7 @@ class _TransformerRule(BlockRule):
     @staticmethod
     def _sample_entry_step_grad(block, stride):
         """``transformer.entry_step_stride``: the unit's first Linear estimates its input step's
-        gradient from every ``stride``-th sample (see ``QuantLinear.sample_input_step_grad``),
+        gradient from every ``stride``-th token (see ``QuantLinear.sample_input_step_grad``),
         which cuts the cost of the data gradient that only that step needs."""
         first = _first_linear(block)
         layer = block.get_submodule(first) if first is not None else None

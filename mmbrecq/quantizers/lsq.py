@@ -69,11 +69,10 @@ class LSQQuantizer(UniformQuantizer):
     def step_grad_samplable(self) -> bool:
         """Whether the step gradient may be estimated on a subset of the batch's samples now
         (:meth:`mmbrecq.modules.QuantLinear.sample_input_step_grad`): the step is being
-        learned, and each sample's quantized value depends on that sample alone (no QDrop
-        draw over the batch, no stream mask)."""
-        return (type(self).quantize is LSQQuantizer.quantize and self.enabled and self.learn_step
-                and self.scale.requires_grad and self.stream_mask is None
-                and not (self.qdrop_prob is not None and self.training))
+        learned, and each sample's quantized value depends on that sample alone: the plain
+        per-tensor quantizer of :attr:`fusable` (no QDrop draw over the batch, no stream mask)."""
+        return (type(self).quantize is LSQQuantizer.quantize and self.learn_step and self.scale.requires_grad
+                and self._plain_now())
 
     def quantize_sample(self, rows: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
         """``rows`` (a sample of ``full``'s rows, when :attr:`step_grad_samplable`) quantized
