@@ -88,7 +88,7 @@ class _FakeQuantLSQ(torch.autograd.Function):
         if ctx.kernel is not None:
             ctx.grid = (float(scale), float(zero_point), qmin, qmax)
             ctx.save_for_backward(x)
-            return ctx.kernel.fake_quant_forward(x, scale, zero_point, qmin, qmax)[0]
+            return ctx.kernel.fake_quant_forward(x, *ctx.grid)[0]
         inside, q, xs = _grid(x, scale, zero_point, qmin, qmax)
         out = q * scale
         if ctx.needs_input_grad[1]:
