@@ -33,8 +33,7 @@ import torch
 from .build import build_directory, build_lock, extension_name, staged_sources
 
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
-           'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward',
-           'fake_quant_backward_x',
+           'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward_x',
            'squared_error_forward', 'adaround_channels', 'adaround_soft_forward', 'adaround_rounding_loss',
            'log_quant_forward', 'ENV_VAR']
 
@@ -190,17 +189,6 @@ def fake_quant_forward(x, scale, zero_point, qmin, qmax, need_dscale=False, need
     out, dscale, mask = mod.fake_quant_forward(x, _f(scale), _f(zero_point), int(qmin), int(qmax),
                                                bool(need_dscale), bool(need_mask))
     return out, dscale, mask
-
-
-def fake_quant_backward(grad, dscale, mask, need_grad_x):
-    """``(grad * inside, sum(grad * dscale))`` in one sweep; the sum (a Python float, in
-    double) is 0.0 when ``dscale`` is None. When ``dscale`` is given, ``grad * inside`` is
-    written into ``dscale``'s buffer and returned (its version counter is bumped)."""
-    mod = get_cpu_kernels()
-    grad_x, total = mod.fake_quant_backward(grad, dscale, mask, bool(need_grad_x))
-    if dscale is not None and grad_x is not None:
-        torch.autograd.graph.increment_version(dscale)
-    return grad_x, total
 
 
 def fake_quant_backward_x(grad, x, scale, zero_point, qmin, qmax, need_grad_x, need_sum):

@@ -85,9 +85,6 @@ namespace {
 struct Kernels {
   const char* name;
   decltype(&isa_base::fake_quant) fake_quant;
-  decltype(&isa_base::backward_sum_into_dscale) backward_sum_into_dscale;
-  decltype(&isa_base::backward_sum) backward_sum;
-  decltype(&isa_base::backward_mask) backward_mask;
   decltype(&isa_base::squared_error) squared_error;
   decltype(&isa_base::adaround_soft) adaround_soft;
   decltype(&isa_base::adaround_offset) adaround_offset;
@@ -96,11 +93,10 @@ struct Kernels {
   decltype(&isa_base::backward_from_x) backward_from_x;
 };
 
-#define MMBRECQ_KERNELS(ns)                                                                    \
-  Kernels {                                                                                    \
-    #ns, &ns::fake_quant, &ns::backward_sum_into_dscale, &ns::backward_sum, &ns::backward_mask, \
-        &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset, &ns::adaround_reg,       \
-        &ns::log_quant, &ns::backward_from_x                                                   \
+#define MMBRECQ_KERNELS(ns)                                                                  \
+  Kernels {                                                                                  \
+    #ns, &ns::fake_quant, &ns::squared_error, &ns::adaround_soft, &ns::adaround_offset,       \
+        &ns::adaround_reg, &ns::log_quant, &ns::backward_from_x                              \
   }
 
 std::vector<Kernels> supported_kernels() {
@@ -197,50 +193,10 @@ std::vector<at::Tensor> fake_quant_forward(const at::Tensor& x_, double s, doubl
   return {out, dscale, mask};
 }
 
-// -- 2. fake-quant backward --------------------------------------------------------------
-// grad_x = grad * inside (if need_grad_x) and sum(grad * dscale) (if dscale is given).
-// With dscale given, grad_x is written into dscale's buffer in the same sweep (each
-// element is read before it is overwritten): the caller owns that buffer from then on.
-std::tuple<at::Tensor, double> fake_quant_backward(const at::Tensor& grad_,
-                                                   const c10::optional<at::Tensor>& dscale_,
-                                                   const c10::optional<at::Tensor>& mask_,
-                                                   bool need_grad_x) {
-  check_float_cpu(grad_, "grad");
-  const bool has_d = dscale_.has_value() && dscale_->defined();
-  const bool has_m = mask_.has_value() && mask_->defined();
-  TORCH_CHECK(!need_grad_x || has_m, "grad_x needs the mask");
-  if (!has_d && !need_grad_x) return {at::Tensor(), 0.0};
-  const at::Tensor& ref = has_d ? *dscale_ : *mask_;
-  TORCH_CHECK(ref.is_non_overlapping_and_dense(), "saved buffers must be dense");
-  if (has_d) check_float_cpu(*dscale_, "dscale");
-  if (need_grad_x) {
-    TORCH_CHECK(mask_->scalar_type() == at::kBool, "mask must be bool");
-    TORCH_CHECK(mask_->sizes() == ref.sizes() && mask_->strides() == ref.strides(),
-                "mask and dscale layouts differ");
-  }
-  const at::Tensor grad = same_layout(grad_, ref);
-  const int64_t n = grad.numel();
-  const float* pg = grad.data_ptr<float>();
-  const uint8_t* pm =
-      need_grad_x ? reinterpret_cast<const uint8_t*>(mask_->data_ptr<bool>()) : nullptr;
-  if (has_d) {
-    float* pd = dscale_->data_ptr<float>();
-    if (need_grad_x) {
-      const double sum = kernels().backward_sum_into_dscale(pg, pd, pm, n);
-      return {*dscale_, sum};
-    }
-    return {at::Tensor(), kernels().backward_sum(pg, pd, n)};
-  }
-  at::Tensor grad_x = at::empty_like(ref, grad.options());
-  kernels().backward_mask(pg, pm, grad_x.data_ptr<float>(), n);
-  return {grad_x, 0.0};
-}
-
-// -- 2b. fake-quant backward from the saved input ------------------------------------------
-// The same (grad * inside, sum(grad * dscale)) as fake_quant_backward, with inside and dscale
-// recomputed from x in the sweep: the forward then writes only its output (no dscale or mask
-// buffers: less memory traffic and fewer fresh pages per step), and the backward reads x in
-// their place. grad_x (if need_grad_x) is a new tensor; the sum is 0.0 unless need_sum.
+// -- 2. fake-quant backward from the saved input -------------------------------------------
+// (grad * inside, sum(grad * dscale)) with inside and dscale recomputed from x in the sweep:
+// the forward then writes only its output (no dscale or mask buffers: less memory traffic and
+// fewer fresh pages per step), and the backward reads x in their place. grad_x (if need_grad_x) is a new tensor; the sum is 0.0 unless need_sum.
 std::tuple<at::Tensor, double> fake_quant_backward_x(const at::Tensor& grad_, const at::Tensor& x_, double s,
                                                      double z, int64_t qmin, int64_t qmax, bool need_grad_x,
                                                      bool need_sum) {
@@ -361,8 +317,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = py::call_guard<py::gil_scoped_release>;
   m.def("fake_quant_forward", &fake_quant_forward, release(),
         "fake-quant forward (+ LSQ dscale, grid mask)");
-  m.def("fake_quant_backward", &fake_quant_backward, release(),
-        "fake-quant backward: grad_x, sum(grad * dscale)");
   m.def("fake_quant_backward_x", &fake_quant_backward_x, release(),
         "fake-quant backward from the saved input: grad_x, sum(grad * dscale)");
   m.def("squared_error_forward", &squared_error_forward, release(),
@@ -482,41 +436,6 @@ void fake_quant(const float* x, float* o, float* d, uint8_t* m, int64_t n, Grid 
     } else {
       fake_quant_range<false, false>(x + begin, o + begin, db, mb, len, g);
     }
-  });
-}
-
-// sum(g * d), and d := g * m in the same sweep
-double backward_sum_into_dscale(const float* pg, float* pd, const uint8_t* pm, int64_t n) {
-  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
-    const float* __restrict g = pg + c;
-    float* __restrict d = pd + c;
-    const uint8_t* __restrict m = pm + c;
-    double* __restrict t = tmp[0];
-    for (int j = 0; j < len; ++j) {
-      const float gj = g[j];
-      t[j] = static_cast<double>(gj * d[j]);
-      d[j] = gj * static_cast<float>(m[j] != 0);
-    }
-  })[0];
-}
-
-// sum(g * d)
-double backward_sum(const float* pg, const float* pd, int64_t n) {
-  return block_sums<1>(n, [&](int64_t c, int len, double (*tmp)[CHUNK]) {
-    const float* __restrict g = pg + c;
-    const float* __restrict d = pd + c;
-    double* __restrict t = tmp[0];
-    for (int j = 0; j < len; ++j) t[j] = static_cast<double>(g[j] * d[j]);
-  })[0];
-}
-
-// gx = g * m
-void backward_mask(const float* pg, const uint8_t* pm, float* px, int64_t n) {
-  at::parallel_for(0, n, BLOCK, [&](int64_t begin, int64_t end) {
-    const float* __restrict g = pg + begin;
-    const uint8_t* __restrict m = pm + begin;
-    float* __restrict x = px + begin;
-    for (int64_t i = 0, len = end - begin; i < len; ++i) x[i] = g[i] * static_cast<float>(m[i] != 0);
   });
 }
 
