@@ -87,6 +87,10 @@ class _FakeQuantLSQ(torch.autograd.Function):
         ctx.kernel = _backend(x, scale, zero_point, qmin, qmax)
         if ctx.kernel is not None:
             ctx.grid = (float(scale), float(zero_point), qmin, qmax)
+            # a strided input (Q, K, V are views of the qkv output) is made dense once, for the
+            # forward sweep and the backward's alike
+            if not (x.is_contiguous() or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+                x = x.contiguous()
             ctx.save_for_backward(x)
             return ctx.kernel.fake_quant_forward(x, *ctx.grid)[0]
         inside, q, xs = _grid(x, scale, zero_point, qmin, qmax)

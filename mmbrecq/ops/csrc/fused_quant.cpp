@@ -196,7 +196,8 @@ std::vector<at::Tensor> fake_quant_forward(const at::Tensor& x_, double s, doubl
 // -- 2. fake-quant backward from the saved input -------------------------------------------
 // (grad * inside, sum(grad * dscale)) with inside and dscale recomputed from x in the sweep:
 // the forward then writes only its output (no dscale or mask buffers: less memory traffic and
-// fewer fresh pages per step), and the backward reads x in their place. grad_x (if need_grad_x) is a new tensor; the sum is 0.0 unless need_sum.
+// fewer fresh pages per step), and the backward reads x in their place. grad_x (if
+// need_grad_x) is a new tensor; the sum is 0.0 unless need_sum.
 std::tuple<at::Tensor, double> fake_quant_backward_x(const at::Tensor& grad_, const at::Tensor& x_, double s,
                                                      double z, int64_t qmin, int64_t qmax, bool need_grad_x,
                                                      bool need_sum) {
