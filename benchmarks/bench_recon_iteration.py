@@ -12,8 +12,11 @@ quantizers, Fisher-weighted loss, rounding regulariser, Adam steps on alpha and 
 
 For ``--model deit-s`` the units are those of one ``TransformerEncoderLayer`` of DeiT-S (embed
 384, 6 heads, 197 tokens at 224x224) under ``quant_cfg.transformer.unit`` (default: its
-attention and MLP halves, and a last line for the two together, i.e. the whole layer's step
-against the float forward+backward of both halves; ``--unit layer``: the layer as one unit):
+attention and MLP halves; then the two together, i.e. the whole layer's step, against the
+float forward+backward of both halves (weight gradients only), and against the float
+forward+backward of the whole layer (every parameter's gradient, LayerNorms included: the
+layer's float training step, which also computes the gradients of the halves' inputs);
+``--unit layer``: the layer as one unit, against that same baseline):
 the Linears in soft AdaRound, LSQ on their inputs and on Q, K, V, the log-sqrt2 quantizer on
 the softmax output. ``--learn-entry-step yes|no`` overrides ``transformer.learn_entry_step``,
 ``--entry-step-stride K`` ``transformer.entry_step_stride``; ``--profile N`` adds the N
@@ -32,6 +35,7 @@ MODELS = {
 }
 #: transformer units of DeiT-S's first layer under quant_cfg.transformer.unit='halves'
 HALVES = ['backbone.layers.0.attn', 'backbone.layers.0.ffn.layers']
+HALVES_LAYER = 'backbone.layers.0'
 
 
 def build_model(name):
@@ -63,6 +67,26 @@ def seconds_per_iter(run, iters, device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
+
+
+def float_layer_step(float_model, name, args, device):
+    """Seconds of one float forward+backward of the whole layer ``name`` (every parameter,
+    LayerNorms included, gets its gradient, as in training; best of ``args.rounds``): the
+    layer's own float step, which computes the gradients of the halves' inputs that the
+    halves' baselines (weight gradients only) leave out."""
+    layer = float_model.get_submodule(name)
+    for p_ in layer.parameters():
+        p_.requires_grad_(True)
+    x = torch.randn(args.samples, *block_input_shape(float_model, name, args.res), device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def steps(n):
+        for _ in range(n):
+            idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=device)
+            layer(x[idx]).pow(2).mean().backward()
+
+    steps(3)
+    return min(seconds_per_iter(steps, args.iters, device) for _ in range(args.rounds))
 
 
 def profile_steps(steps, iters, top):
@@ -216,6 +240,8 @@ def main():
     if args.blocks == HALVES:  # the whole layer's step: both halves
         t_float, t_recon = totals
         print(f'{"layer (both halves)":20s} {t_float * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_float:7.2f}')
+        t_layer = float_layer_step(float_model, HALVES_LAYER, args, device)
+        print(f'{"layer vs layer f+b":20s} {t_layer * 1e3:15.1f} {t_recon * 1e3:16.1f} {t_recon / t_layer:7.2f}')
 
 
 if __name__ == '__main__':

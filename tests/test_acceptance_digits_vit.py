@@ -1,9 +1,12 @@
 """BRECQ on the trained digits ViT (the transformer demo model): the method's ordering.
 
-At W4A4 and W6A6, BRECQ >= layer-wise AdaRound and >= nearest rounding in top-1, with the mean
-KL(float || quantized) ordered BRECQ < layer-wise < nearest; layer-wise >= nearest in top-1 at
-W4A4 (at W6A6 it measured two images below nearest); W8A8 BRECQ within 0.5 points of float. Short
-schedules (CPU budget): benchmarks/bench_digits_methods.py --model vit has the full table.
+W4A4: BRECQ >= layer-wise AdaRound >= nearest rounding in top-1, and the mean KL(float ||
+quantized) ordered BRECQ < layer-wise < nearest. W6A6: BRECQ beats both in KL and is at least
+level with both in top-1; layer-wise against nearest is not asserted there: the two are level
+on this model and which one leads depends on the machine's float rounding (seed 0: layer-wise
+98.06 / 0.0037 against nearest's 98.61 / 0.0041 on one 2-core VM, 98.33 / 0.0045 against
+98.61 / 0.0041 on another; README, "Digits ViT demo"). W8A8 BRECQ within 0.5 points of float.
+Short schedules (CPU budget): benchmarks/bench_digits_methods.py --model vit has the full table.
 """
 import pytest
 
@@ -22,13 +25,10 @@ def setup():
 def test_brecq_beats_layerwise_beats_nearest(setup, w, a):
     scores = method_scores(setup, w, a)
     (n_top1, n_kl), (l_top1, l_kl), (b_top1, b_kl) = scores['nearest'], scores['layerwise'], scores['brecq']
-    assert b_kl < l_kl < n_kl
+    assert b_kl < l_kl and b_kl < n_kl
     assert b_top1 >= l_top1 and b_top1 >= n_top1
     if (w, a) == (4, 4):
-        assert l_top1 >= n_top1
-    # W6A6: nearest rounding is already within 0.6 points of float, and layer-wise AdaRound
-    # measured 98.06 against nearest's 98.61 (2 of 360 images) while its KL is lower; the
-    # README's methods table reports it, this test does not hide it behind a looser bound
+        assert l_kl < n_kl and l_top1 >= n_top1
 
 
 @pytest.mark.timeout(3600)
