@@ -9,7 +9,7 @@ each on 2 shared CPU cores (mostly the two processes' imports).
 Measured (4 units, 5,616 weights, 130 steps): hard rounding decisions 100 % identical, weight
 scales identical, activation steps within 2e-3 of one Adam step (act_lr), logged losses within
 1e-7 relative; per-step gradients (learning rates 0, 160 steps with empty local batches) within
-1e-5 relative of the single-process gradient of the global batch.
+1e-7 of each parameter's largest gradient of the single-process gradient of the global batch.
 """
 import os
 
@@ -191,14 +191,26 @@ def test_uneven_shards_empty_local_batches_and_qdrop(tmp_path):
     ranks = spawn(_uneven_and_qdrop, 2, tmp_path)
     # every step applies the single-process gradient of the global batch (alpha and steps)
     assert len(ranks[0]['grads']) == len(single_grads) == 4 * UNEVEN['iters']
-    worst = 0.0
+    # each difference relative to that parameter's largest gradient over the steps: a step
+    # gradient is a sum of signed terms that can cancel to near zero in one step (measured:
+    # 4.6e-8 against a difference of 2.6e-11, 6e-4 of itself), where only the summation order
+    # differs between the runs
+    scales = {}
+    for gs in single_grads:
+        for k, a in enumerate(gs):
+            if a is not None:
+                scales[k] = max(scales.get(k, 0.0), float(a.norm()))
+    worst, where = 0.0, None
     for step, (gs, gd) in enumerate(zip(single_grads, ranks[0]['grads'])):
-        for a, b in zip(gs, gd):
+        for k, (a, b) in enumerate(zip(gs, gd)):
             assert (a is None) == (b is None), step
             if a is not None:
-                worst = max(worst, float((a - b).norm() / a.norm().clamp_min(1e-30)))
-    print(f'\nworst relative gradient difference over {len(single_grads)} steps: {worst:.2e}')
-    assert worst < 1e-4   # float summation order (measured 9e-6: weight gradients of a conv summed per rank)
+                rel = float((a - b).norm()) / max(scales[k], 1e-30)
+                if rel > worst:
+                    worst, where = rel, (step, k, tuple(a.shape))
+    print(f'\nworst gradient difference over {len(single_grads)} steps, relative to the parameter\'s '
+          f'largest gradient: {worst:.2e} at (step, parameter, shape) {where}')
+    assert worst < 1e-4   # float summation order (weight gradients of a conv summed per rank)
     assert [r['uneven']['samples'] for r in ranks] == [8, 7]
     step_diff, scale_diff, agree, n = _compare(single['state'], ranks[0]['uneven']['state'])
     assert step_diff < 0.1 and scale_diff == 0 and agree >= 0.995
