@@ -69,22 +69,28 @@ def seconds_per_iter(run, iters, device):
     return (time.perf_counter() - t0) / iters
 
 
+def float_step_runner(block, batch_of, args, index_device):
+    """``steps(n)``: ``n`` float forward+backward passes of ``block`` on random batches
+    ``batch_of(indices)`` of ``args.samples`` cached inputs; every parameter of the block gets
+    its gradient (the input none)."""
+    for p_ in block.parameters():
+        p_.requires_grad_(True)
+    gen = torch.Generator(device=index_device).manual_seed(0)
+
+    def steps(n):
+        for _ in range(n):
+            idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=index_device)
+            block(batch_of(idx)).pow(2).mean().backward()
+    return steps
+
+
 def float_layer_step(float_model, name, args, device):
     """Seconds of one float forward+backward of the whole layer ``name`` (every parameter,
     LayerNorms included, gets its gradient, as in training; best of ``args.rounds``): the
     layer's own float step, which computes the gradients of the halves' inputs that the
     halves' baselines (weight gradients only) leave out."""
-    layer = float_model.get_submodule(name)
-    for p_ in layer.parameters():
-        p_.requires_grad_(True)
     x = torch.randn(args.samples, *block_input_shape(float_model, name, args.res), device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-
-    def steps(n):
-        for _ in range(n):
-            idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=device)
-            layer(x[idx]).pow(2).mean().backward()
-
+    steps = float_step_runner(float_model.get_submodule(name), x.__getitem__, args, device)
     steps(3)
     return min(seconds_per_iter(steps, args.iters, device) for _ in range(args.rounds))
 
@@ -187,15 +193,7 @@ def main():
         data = UnitData([caches['x']], None, [caches['y']], [caches['w']])
 
         # baseline: float forward + backward of the same block, weight gradients only
-        for p_ in fblock.parameters():
-            p_.requires_grad_(True)
-        gen = torch.Generator(device=data.index_device).manual_seed(0)
-
-        def float_steps(n):
-            for _ in range(n):
-                idx = torch.randint(args.samples, (args.batch_size, ), generator=gen, device=data.index_device)
-                out = fblock(caches['x'].gather(idx))
-                out.pow(2).mean().backward()
+        float_steps = float_step_runner(fblock, caches['x'].gather, args, data.index_device)
 
         # ours: one optimisation iteration of the quantized unit
         for p_ in qmodel.parameters():

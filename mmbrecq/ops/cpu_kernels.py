@@ -33,7 +33,7 @@ import torch
 from .build import build_directory, build_lock, extension_name, staged_sources
 
 __all__ = ['cpu_kernels_available', 'get_cpu_kernels', 'reset_cpu_kernels', 'disabled', 'kernel_tensor_ok',
-           'scalar_ok', 'under_tracing', 'kernels_apply', 'fake_quant_forward', 'fake_quant_backward_x',
+           'scalar_ok', 'under_tracing', 'kernels_apply', 'dense', 'fake_quant_forward', 'fake_quant_backward_x',
            'squared_error_forward', 'adaround_channels', 'adaround_soft_forward', 'adaround_rounding_loss',
            'log_quant_forward', 'ENV_VAR']
 
@@ -189,6 +189,13 @@ def fake_quant_forward(x, scale, zero_point, qmin, qmax, need_dscale=False, need
     out, dscale, mask = mod.fake_quant_forward(x, _f(scale), _f(zero_point), int(qmin), int(qmax),
                                                bool(need_dscale), bool(need_mask))
     return out, dscale, mask
+
+
+def dense(t):
+    """``t`` itself when its elements fill ``numel()`` consecutive floats (contiguous,
+    channels-last, any permutation), else a contiguous copy: the layout the kernels sweep
+    (the kernels' own rule, so a caller that keeps the input for a backward keeps that copy)."""
+    return get_cpu_kernels().dense(t)
 
 
 def fake_quant_backward_x(grad, x, scale, zero_point, qmin, qmax, need_grad_x, need_sum):

@@ -89,8 +89,7 @@ class _FakeQuantLSQ(torch.autograd.Function):
             ctx.grid = (float(scale), float(zero_point), qmin, qmax)
             # a strided input (Q, K, V are views of the qkv output) is made dense once, for the
             # forward sweep and the backward's alike
-            if not (x.is_contiguous() or x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
-                x = x.contiguous()
+            x = ctx.kernel.dense(x)
             ctx.save_for_backward(x)
             return ctx.kernel.fake_quant_forward(x, *ctx.grid)[0]
         inside, q, xs = _grid(x, scale, zero_point, qmin, qmax)

@@ -316,6 +316,7 @@ at::Tensor log_quant_forward(const at::Tensor& x_, double delta, int64_t k, int6
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // the kernels touch no Python object: other Python threads may run meanwhile
   using release = py::call_guard<py::gil_scoped_release>;
+  m.def("dense", &dense, "t itself when its elements fill numel() consecutive floats, else a contiguous copy");
   m.def("fake_quant_forward", &fake_quant_forward, release(),
         "fake-quant forward (+ LSQ dscale, grid mask)");
   m.def("fake_quant_backward_x", &fake_quant_backward_x, release(),
