@@ -31,19 +31,19 @@ def digits_setup(model_name):
     return model, calib, test, ref, fp_top1
 
 
-def quantized(model, calib, w, a, recon=None):
-    """``model`` at WwAa, calibrated, reconstructed with ``recon`` (300 iterations) unless ``None``."""
+def quantized(model, calib, w, a, recon=None, iters=300):
+    """``model`` at WwAa, calibrated, reconstructed with ``recon`` (``iters`` per unit) unless ``None``."""
     q = mmbrecq.quantize_model(copy.deepcopy(model), dict(w_bits=w, a_bits=a))
     mmbrecq.set_quant_state(q, True, True)
     mmbrecq.calibrate_activations(q, calib.batches[:1], calib.forward)
     if recon is not None:
-        mmbrecq.reconstruct(q, calib, dict(iters=300, progress=False, seed=0, **recon), logger='silent')
+        mmbrecq.reconstruct(q, calib, dict(iters=iters, progress=False, seed=0, **recon), logger='silent')
     return q
 
 
-def method_scores(setup, w, a):
-    """``{method: (top-1, KL)}`` of the three methods at WwAa (printed for the log)."""
+def method_scores(setup, w, a, iters=300):
+    """``{method: (top-1, KL)}`` of the three methods at WwAa, ``iters`` per unit (printed for the log)."""
     model, calib, test, ref, fp_top1 = setup
-    scores = {name: top1_and_kl(quantized(model, calib, w, a, recon), test, ref) for name, recon in METHODS}
-    print(f'W{w}A{a} float {fp_top1:.2f}', {k: (round(t, 2), round(kl, 4)) for k, (t, kl) in scores.items()})
+    scores = {name: top1_and_kl(quantized(model, calib, w, a, recon, iters), test, ref) for name, recon in METHODS}
+    print(f'W{w}A{a} float {fp_top1:.2f}', {k: (round(t, 2), round(kl, 5)) for k, (t, kl) in scores.items()})
     return scores
